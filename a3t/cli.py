@@ -1,0 +1,143 @@
+"""The `a3t` command line: one console script, one subcommand per job.
+
+Every subcommand takes ``--config FILE`` and ``section.key=value`` overrides.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from a3t.config import Config, ConfigError, load_config
+
+app = typer.Typer(help="a3t: a language agent that improves itself from its own trajectories (A3T).", no_args_is_help=True)
+games_app = typer.Typer(help="Generate and play ALFWorld games.", no_args_is_help=True)
+app.add_typer(games_app, name="games")
+console = Console()
+
+ConfigOption = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config file.")]
+OverridesArg = Annotated[
+    Optional[list[str]], typer.Argument(help="Config overrides as section.key=value, e.g. games.train=60.")
+]
+
+
+def _config(path: Path | None, overrides: list[str]) -> Config:
+    try:
+        return load_config(path, overrides)
+    except ConfigError as e:
+        console.print(f"[red]config error:[/red] {e}")
+        raise typer.Exit(2) from None
+
+
+@games_app.command("generate")
+def games_generate(overrides: OverridesArg = None, config: ConfigOption = None) -> None:
+    """Generate solvable games of all 6 task types into games.root (official ALFWorld layout)."""
+    from a3t.envs.alfworld_gen import game_jobs, generate_games
+
+    cfg = _config(config, overrides or [])
+    g = cfg.games
+    jobs = game_jobs(g.root, g.counts(), g.seed, g.size, g.plan_timeout_s)
+    new = {split: 0 for split in g.counts()}
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console) as progress:
+        bar = progress.add_task(f"generating {g.size} games (seed {g.seed}) into {g.root}", total=len(jobs))
+        for job, _, written in generate_games(jobs, g.workers):
+            new[job.split] += written
+            progress.advance(bar)
+    table = Table("split", "games", "new", "already there")
+    for split, n in g.counts().items():
+        table.add_row(split, str(n), str(new[split]), str(n - new[split]))
+    console.print(table)
+
+
+def _games_to_play(target: Path, splits: list[str]) -> list[Path]:
+    from a3t.envs.alfworld import find_games
+
+    if target.is_file():
+        return [target]
+    if (target / "game.tw-pddl").is_file():
+        return [target / "game.tw-pddl"]
+    games = []
+    for split in splits:
+        if (target / "json_2.1.1" / split).is_dir():
+            games += find_games(target, split)
+    if not games:
+        console.print(f"[red]no games under {target}[/red] (splits {', '.join(splits)}; expected {target}/json_2.1.1/<split>/...)")
+        raise typer.Exit(1)
+    return games
+
+
+@games_app.command("play")
+def games_play(
+    args: Annotated[Optional[list[str]], typer.Argument(help="[DIR] then section.key=value overrides. DIR: a data root, a trial folder or a game.tw-pddl (default: games.root).")] = None,
+    split: Annotated[Optional[list[str]], typer.Option("--split", "-s", help="Split(s) to play (default: all).")] = None,
+    interactive: Annotated[bool, typer.Option("--interactive", "-i", help="Play the first game yourself.")] = False,
+    config: ConfigOption = None,
+) -> None:
+    """Play games by their walkthrough and print won / steps per game, or play one yourself."""
+    from a3t.envs.alfworld import play_walkthrough
+
+    args = args or []
+    overrides = [a for a in args if "=" in a]
+    targets = [a for a in args if "=" not in a]
+    if len(targets) > 1:
+        console.print(f"[red]one DIR at most, got {len(targets)}: {' '.join(targets)}[/red]")
+        raise typer.Exit(2)
+    cfg = _config(config, overrides)
+    games = _games_to_play(Path(targets[0]) if targets else cfg.games.root, split or ["train", "valid_seen", "valid_unseen"])
+    if interactive:
+        _play_interactively(games[0], cfg)
+        return
+    table = Table("split", "game", "won", "steps")
+    won = failed = 0
+    for game in games:
+        r = play_walkthrough(game, cfg.env.phrasing, cfg.env.max_steps)
+        split_name, name = game.parent.parent.parent.name, f"{game.parent.parent.name}/{game.parent.name}"
+        if r.error:
+            failed += 1
+            table.add_row(split_name, name, "[red]error[/red]", r.error)
+            continue
+        won += r.won
+        table.add_row(split_name, name, "yes" if r.won else "[red]no[/red]", str(r.steps))
+    console.print(table)
+    console.print(f"won {won}/{len(games)} games by walkthrough" + (f", {failed} could not be played" if failed else ""))
+    if won < len(games):
+        raise typer.Exit(1)
+
+
+def _play_interactively(game: Path, cfg: Config) -> None:
+    from a3t.envs.alfworld import AlfWorldEnv, GameFileError
+
+    try:
+        env = AlfWorldEnv(game, phrasing=cfg.env.phrasing, max_steps=cfg.env.max_steps)
+    except GameFileError as e:
+        console.print(f"[red]{e}[/red]")
+        raise typer.Exit(1) from None
+    console.print(f"[bold]{game}[/bold] ({env.game.task_type})\n")
+    console.print(env.reset().observation)
+    while True:
+        actions = env.admissible_actions
+        console.print("\n" + "  ".join(f"[cyan]{i}[/cyan] {a}" for i, a in enumerate(actions, 1)))
+        console.print("action (number or text, 'quit' to stop)> ", end="")
+        line = sys.stdin.readline()
+        if not line or line.strip() == "quit":
+            console.print("\nstopped.")
+            return
+        choice = line.strip()
+        action = actions[int(choice) - 1] if choice.isdigit() and 0 < int(choice) <= len(actions) else choice
+        step = env.step(action)
+        console.print(f"> {action}\n{step.observation}")
+        if step.done:
+            console.print(f"\n[bold]{'You won' if step.won else 'Episode over'}[/bold] after {env.steps_taken} steps "
+                          f"({env.invalid_actions} invalid).")
+            return
+
+
+if __name__ == "__main__":
+    app()

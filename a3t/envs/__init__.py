@@ -1,0 +1,1 @@
+"""Text environments behind one scalar API (a3t.envs.base.TextEnv)."""

@@ -1,0 +1,14 @@
+import pytest
+
+from a3t.envs.alfworld_gen import TASK_TYPES, game_jobs, generate_games
+
+
+@pytest.fixture(scope="session")
+def games_root(tmp_path_factory):
+    """Games generated on the fly (about 1 s each): one train game per task type and
+    two valid_unseen games. Generated, not committed, so the tests also cover the
+    generator against whatever alfworld tables are installed."""
+    root = tmp_path_factory.mktemp("games")
+    jobs = game_jobs(root, {"train": len(TASK_TYPES), "valid_unseen": 2}, seed=0, size="small")
+    list(generate_games(jobs, workers=2))
+    return root
