@@ -1,0 +1,1 @@
+"""Prefect flows: they only orchestrate the tasks in tasks/ (self-improvement rounds, evaluation, rollback)."""
