@@ -27,6 +27,7 @@ import multiprocessing
 import os
 import random
 import statistics
+import sys
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -102,8 +103,8 @@ def parallel(games: list[str], n: int, steps: int, reps: int, seed: int) -> list
         return [f.result() for f in futures]
 
 
-def alfworld_batch(root: str, games: list[str], n: int, steps: int, reps: int, seed: int) -> dict[str, list[float]]:
-    """alfworld's own batch env of n slots over the same games: rates per pass."""
+def alfworld_batch(root: str, games: list[str], n: int, steps: int, reps: int, seed: int) -> dict[str, list[tuple[int, float]]]:
+    """alfworld's own batch env of n slots over the same games, timed like play()."""
     from alfworld.agents.environment.alfred_tw_env import AlfredTWEnv
 
     config = {
@@ -121,7 +122,7 @@ def alfworld_batch(root: str, games: list[str], n: int, steps: int, reps: int, s
         tw.game_files = list(games)  # exactly our games, whatever else a --games cache holds
         env = tw.init_env(batch_size=n)
 
-    out: dict[str, list[float]] = {"resets": [], "steps": []}
+    out: dict[str, list[tuple[int, float]]] = {"resets": [], "steps": []}
     try:
         for rep in range(reps):
             resets = reset_s = stepped = step_s = 0
@@ -142,8 +143,8 @@ def alfworld_batch(root: str, games: list[str], n: int, steps: int, reps: int, s
                     _, _, dones, infos = env.step(commands)
                     done = list(dones)
                 step_s += time.perf_counter() - t
-            out["resets"].append(resets / reset_s)
-            out["steps"].append(stepped / step_s)
+            out["resets"].append((resets, reset_s))
+            out["steps"].append((stepped, step_s))
     finally:
         env.close()
     return out
@@ -159,8 +160,10 @@ def main() -> None:
     args = parser.parse_args()
 
     started = time.perf_counter()
+    # Other processes on the machine skew every figure, the parallel ones most; record the load.
+    load_before = os.getloadavg()[0]
     n = args.envs
-    count, steps, reps = (8, 10, 3) if args.quick else (24, 30, 3)
+    count, steps, reps = (6, 10, 3) if args.quick else (24, 30, 3)
     count = -(-max(count, n) // n) * n  # a multiple of n: every slot and worker gets as many games
 
     with tempfile.TemporaryDirectory(prefix="a3t-env-speed-") as tmp:
@@ -172,12 +175,21 @@ def main() -> None:
         many = parallel(games, n, steps, reps, args.seed)
         batch = alfworld_batch(root, games, n, steps, reps, args.seed)
 
+    # Same games and same actions per (game, pass) must mean the same steps in every setup;
+    # a game won by chance stops early everywhere. Anything else would make the rates unfair.
+    played = {name: [c for c, _ in r["steps"]] for name, r in
+              (("one env", one), ("alfworld batch", batch))}
+    played["parallel"] = [sum(c) for c in zip(*([c for c, _ in r["steps"]] for r in many))]
+    if len({tuple(v) for v in played.values()}) != 1:
+        print(f"warning: setups played different step counts per pass: {played}", file=sys.stderr)
+
     med = statistics.median
     fig = {
         "bench": "env_speed",
         "quick": args.quick,
         "games": len(games),
         "steps_per_episode": steps,
+        "steps_per_pass": played["one env"][0],
         "reps": reps,
         "one_env_steps_s": med(rates([one], "steps")),
         "one_env_resets_s": med(rates([one], "resets")),
@@ -186,13 +198,14 @@ def main() -> None:
         "parallel_steps_s": med(rates(many, "steps")),
         "parallel_resets_s": med(rates(many, "resets")),
         "parallel_loads_s": rates(many, "loads")[0],
-        "alfworld_batch_steps_s": med(batch["steps"]),
-        "alfworld_batch_resets_s": med(batch["resets"]),
+        "alfworld_batch_steps_s": med(rates([batch], "steps")),
+        "alfworld_batch_resets_s": med(rates([batch], "resets")),
     }
     fig["ratio_parallel_vs_alfworld_steps"] = fig["parallel_steps_s"] / fig["alfworld_batch_steps_s"]
     # alfworld's reset starts a new game, so it is matched with our loads (new games/s).
     fig["ratio_parallel_vs_alfworld_new_games"] = fig["parallel_loads_s"] / fig["alfworld_batch_resets_s"]
     fig["wall_s"] = time.perf_counter() - started
+    fig["load_avg_before"] = load_before
     fig = {k: round(v, 2) if isinstance(v, float) else v for k, v in fig.items()}
 
     table = Table(title=f"ALFWorld env speed: {len(games)} {args.size} games, {steps} random steps each, "
