@@ -139,5 +139,97 @@ def _play_interactively(game: Path, cfg: Config) -> None:
             return
 
 
+SplitOption = Annotated[str, typer.Option("--split", "-s", help="Split of games.root to play.")]
+
+
+def _progress_rollout(tasks, store, policy, annotator, cfg: Config, round_: int, label: str):
+    from a3t.rollout import rollout
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console) as progress:
+        bar = progress.add_task(label, total=len(tasks))
+
+        def show(stats):
+            total = max(len(tasks), stats.episodes + stats.skipped)  # retries add episodes
+            progress.update(bar, completed=stats.episodes + stats.skipped, total=total,
+                            description=f"{label}: {stats.successes} won, {stats.tokens_per_s:.0f} tok/s")
+
+        stats = rollout(tasks, store, policy, annotator, cfg.rollout, cfg.env, round_=round_, on_progress=show)
+    table = Table("episodes played", "won", "already stored", "generated tokens", "tokens/s", "file")
+    table.add_row(str(stats.episodes), str(stats.successes), str(stats.skipped), str(stats.completion_tokens),
+                  f"{stats.tokens_per_s:.1f}", str(store.path))
+    console.print(table)
+    return stats
+
+
+def _models(cfg: Config, need_policy: bool = True):
+    """The policy LLM (None when not needed) and the ActRe annotator (the policy's LLM
+    unless the config names another, as in the paper)."""
+    from a3t.agent.actre import ActReAnnotator
+    from a3t.llm import load_llm
+    from a3t.llm.base import Sampling
+
+    policy = load_llm(cfg.llm) if need_policy or cfg.actre is None else None
+    actre_llm = load_llm(cfg.actre) if cfg.actre is not None else policy
+    sampling = Sampling(temperature=0.0, max_new_tokens=cfg.rollout.actre_max_new_tokens)
+    return (policy if need_policy else None), ActReAnnotator(actre_llm, phrasing=cfg.env.phrasing, sampling=sampling)
+
+
+@app.command("rollout")
+def rollout_command(
+    overrides: OverridesArg = None,
+    config: ConfigOption = None,
+    split: SplitOption = "train",
+    out: Annotated[Path, typer.Option(help="Trajectory JSONL file (appended; finished episodes are skipped).")] = Path(
+        "data/trajectories/rollout.jsonl"
+    ),
+    round_: Annotated[int, typer.Option("--round", help="Round number recorded in each trajectory.")] = 0,
+    limit: Annotated[Optional[int], typer.Option(help="Play only the first N games of the split.")] = None,
+) -> None:
+    """Play the games of a split with the policy, with A3T exploration and retries of failed tasks."""
+    from a3t.envs.alfworld import find_games
+    from a3t.rollout import task_for
+    from a3t.trajectory import TrajectoryStore
+
+    cfg = _config(config, overrides or [])
+    tasks = [task_for(g) for g in find_games(cfg.games.root, split)][:limit]
+    policy, annotator = _models(cfg)
+    _progress_rollout(tasks, TrajectoryStore(out), policy, annotator, cfg, round_, f"rollout {split}")
+
+
+@app.command("annotate")
+def annotate_command(
+    overrides: OverridesArg = None,
+    config: ConfigOption = None,
+    split: SplitOption = "train",
+    count: Annotated[Optional[int], typer.Option(help="Annotate the walkthroughs of the first N games.")] = None,
+    episodes: Annotated[
+        Optional[Path],
+        typer.Option(help='JSONL of recorded episodes to annotate instead: {"game": PATH, "actions": [...]} per line.'),
+    ] = None,
+    out: Annotated[Path, typer.Option(help="Trajectory JSONL file (appended).")] = Path("data/trajectories/annotated.jsonl"),
+    round_: Annotated[int, typer.Option("--round", help="Round number recorded in each trajectory.")] = 0,
+) -> None:
+    """Turn action sequences (planner walkthroughs or recorded episodes) into ReAct trajectories with ActRe."""
+    from a3t.annotate import recorded_tasks, walkthrough_tasks
+    from a3t.envs.alfworld import GameFileError, find_games
+    from a3t.trajectory import TrajectoryStore
+
+    cfg = _config(config, overrides or [])
+    try:
+        if episodes is not None:
+            tasks = recorded_tasks(episodes, cfg.env.phrasing)
+        else:
+            tasks = walkthrough_tasks(find_games(cfg.games.root, split)[:count], cfg.env.phrasing)
+    except (GameFileError, ValueError, FileNotFoundError) as e:
+        console.print(f"[red]{e}[/red]")
+        raise typer.Exit(1) from None
+    _, annotator = _models(cfg, need_policy=False)
+    cfg.rollout.retry_max = 0  # a script is played once
+    stats = _progress_rollout(tasks, TrajectoryStore(out), None, annotator, cfg, round_, "annotate")
+    if stats.successes < stats.episodes:
+        console.print(f"[yellow]{stats.episodes - stats.successes} annotated episodes did not win when replayed[/yellow]")
+
+
 if __name__ == "__main__":
     app()

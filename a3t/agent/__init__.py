@@ -1,0 +1,1 @@
+"""The ReAct policy's prompt and parsing, and the ActRe annotator."""

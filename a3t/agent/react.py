@@ -1,0 +1,97 @@
+"""The ReAct prompt (system instruction + a 1-shot example of the task's type + the
+episode as chat turns) and the parser of the model's turns.
+
+A turn is two lines, ``Thought: ...`` then ``Action: ...``. Every assistant turn in a
+chat, whether the policy wrote it or ActRe synthesized it, is rendered by ``format_turn``,
+so the two are indistinguishable in format.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from a3t.agent.examples import Example, example_for
+from a3t.envs.alfworld import Phrasing
+from a3t.llm.base import Chat
+from a3t.trajectory import StepRecord
+
+_COMMANDS = {
+    "put": "go to X, open X, close X, take X from Y, put X in/on Y, clean X with Y, heat X with Y, cool X with Y, "
+    "use X, examine X, look, inventory",
+    "move": "go to X, open X, close X, take X from Y, move X to Y, clean X with Y, heat X with Y, cool X with Y, "
+    "use X, examine X, look, inventory",
+}
+
+SYSTEM = """You are an agent in a household. You solve the task you are given by acting in the room.
+Each turn you see the result of your last action and answer with exactly two lines:
+Thought: <your reasoning about what to do next>
+Action: <one command>
+Commands: {commands}. Name things exactly as you see them, e.g. "cabinet 1".
+
+Here is an example of a solved task.
+
+{example}"""
+
+
+def transcript(initial_observation: str, steps) -> str:
+    """A text transcript: Observation / Thought / Action lines. ``steps`` are
+    (thought, action, observation) triples or StepRecords."""
+    lines = [f"Observation: {initial_observation}"]
+    for step in steps:
+        thought, action, observation = (
+            (step.thought, step.action, step.observation) if isinstance(step, StepRecord) else step
+        )
+        lines += [f"Thought: {thought}", f"Action: {action}", f"Observation: {observation}"]
+    return "\n".join(lines)
+
+
+def format_turn(thought: str, action: str) -> str:
+    return f"Thought: {thought}\nAction: {action}"
+
+
+def example_text(example: Example) -> str:
+    return transcript(example.observation, example.steps)
+
+
+def react_chat(task_type: str, initial_observation: str, steps: list[StepRecord], phrasing: Phrasing = "put") -> Chat:
+    """The policy's chat: instruction and example, then the episode so far as turns."""
+    system = SYSTEM.format(commands=_COMMANDS[phrasing], example=example_text(example_for(task_type, phrasing)))
+    chat = [{"role": "system", "content": system}, {"role": "user", "content": initial_observation}]
+    for step in steps:
+        chat.append({"role": "assistant", "content": format_turn(step.thought, step.action)})
+        chat.append({"role": "user", "content": step.observation})
+    return chat
+
+
+@dataclass(frozen=True)
+class ParsedTurn:
+    thought: str
+    action: str  # "" when no action could be read: the environment counts it invalid
+
+
+_ACTION = re.compile(r"^\W*action\s*\d*\s*[:：]\s*(.*)$", re.IGNORECASE | re.MULTILINE)
+_THOUGHT = re.compile(r"^\W*thought\s*[:：]\s*(.*?)\s*$", re.IGNORECASE | re.MULTILINE | re.DOTALL)
+
+
+def clean_action(text: str) -> str:
+    """Commands are lower case without quotes, markup or a final period."""
+    action = text.strip().strip("`*\"' ").strip()
+    action = re.sub(r"\s+", " ", action).rstrip(".").strip()
+    return action.lower()
+
+
+def parse_turn(text: str) -> ParsedTurn:
+    """Read a model's turn. Tolerates case, markup, extra text and a missing thought; a
+    turn without an action line gives action "" (an invalid action, never an exception)."""
+    actions = list(_ACTION.finditer(text))
+    if not actions:
+        return ParsedTurn(thought=_thought(text), action="")
+    last = actions[-1]
+    return ParsedTurn(thought=_thought(text[: last.start()]), action=clean_action(last.group(1)))
+
+
+def _thought(text: str) -> str:
+    match = _THOUGHT.search(text)
+    thought = match.group(1) if match else text
+    return re.sub(r"\s+", " ", thought).strip()

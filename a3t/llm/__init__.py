@@ -1,0 +1,20 @@
+"""LLM backends behind one protocol (a3t.llm.base.LLM)."""
+
+from __future__ import annotations
+
+from a3t.config import LLMConfig
+from a3t.llm.base import LLM
+
+
+def load_llm(cfg: LLMConfig) -> LLM:
+    """The backend a config asks for: an in-process model or an OpenAI-compatible server."""
+    if cfg.backend == "openai":
+        from a3t.llm.openai_http import OpenAICompatibleLLM
+
+        return OpenAICompatibleLLM(cfg.base_url, cfg.model, api_key_env=cfg.api_key_env,
+                                   timeout_s=cfg.timeout_s, max_retries=cfg.max_retries)
+    from a3t.llm.models import default_model_path
+    from a3t.llm.transformers_llm import TransformersLLM
+
+    path = default_model_path() if cfg.model == "default" else cfg.model
+    return TransformersLLM(path, adapter=cfg.adapter, load_in_4bit=cfg.load_in_4bit, dtype=cfg.dtype, device=cfg.device)

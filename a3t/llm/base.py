@@ -1,0 +1,69 @@
+"""What every LLM backend offers the agent: batched chat completion with a stop rule.
+
+A chat is a list of OpenAI-style messages ``{"role": ..., "content": ...}``. A stop rule
+looks at the text generated so far and says where the useful part ends (or that it has
+not ended yet), so that generation stops at the end of the action line, not at
+``max_new_tokens``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+Chat = list[dict[str, str]]
+StopRule = Callable[[str], "int | None"]  # text so far -> index to cut at, or None to go on
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How to pick tokens. temperature 0 is greedy decoding."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    max_new_tokens: int = 128
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class Completion:
+    text: str  # the generated text, cut by the stop rule
+    prompt_tokens: int  # tokens of the chat that the backend had to encode for this call
+    completion_tokens: int  # tokens generated
+    stopped: bool  # True if the stop rule (or an end-of-turn token) ended it, not the length limit
+
+
+class LLM(Protocol):
+    name: str  # model id, recorded in every trajectory
+    adapter: str | None  # adapter id or path, recorded in every trajectory
+
+    def complete(
+        self,
+        chats: list[Chat],
+        sampling: Sampling,
+        stop: StopRule | None = None,
+        sessions: list[str] | None = None,
+    ) -> list[Completion]:
+        """Complete each chat with one assistant turn. ``sessions`` names the episode of each
+        chat: a backend may keep a session's encoded history and encode only what was added
+        since its last call. ``release`` forgets sessions."""
+        ...
+
+    def release(self, sessions: list[str]) -> None: ...
+
+
+_ACTION_LINE = re.compile(r"^\s*action\s*:[^\n]*\S[^\n]*\n", re.IGNORECASE | re.MULTILINE)
+
+
+def stop_after_action_line(text: str) -> int | None:
+    """ReAct turns end with the action line: cut right after its newline."""
+    match = _ACTION_LINE.search(text)
+    return match.end() if match else None
+
+
+def stop_after_first_line(text: str) -> int | None:
+    """ActRe answers with one reason: cut at the end of its first non-empty line."""
+    match = re.search(r"\S[^\n]*\n", text)
+    return match.end() if match else None
