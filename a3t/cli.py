@@ -231,5 +231,43 @@ def annotate_command(
         console.print(f"[yellow]{stats.episodes - stats.successes} annotated episodes did not win when replayed[/yellow]")
 
 
+@app.command("train")
+def train_command(
+    data: Annotated[list[Path], typer.Option("--data", "-d", help="Trajectory JSONL file(s): all rounds so far.")],
+    overrides: OverridesArg = None,
+    config: ConfigOption = None,
+    out: Annotated[Path, typer.Option(help="Output folder: adapter/ and checkpoints/ (resumed if present).")] = Path(
+        "data/adapters/round_0"
+    ),
+    round_: Annotated[int, typer.Option("--round", help="Round number: round 0 trains epochs_first_round.")] = 0,
+    init_adapter: Annotated[
+        Optional[Path], typer.Option(help="Continue this adapter (used when train.from_base_each_round=false).")
+    ] = None,
+) -> None:
+    """Train a QLoRA adapter on trajectories with the A3T loss (pg / sft / raw)."""
+    from transformers import AutoTokenizer
+
+    from a3t.data import build_examples, load_trajectories
+    from a3t.llm.models import default_model_path
+    from a3t.train import train_adapter
+
+    cfg = _config(config, overrides or [])
+    missing = [str(p) for p in data if not p.is_file()]
+    if missing:
+        console.print(f"[red]trajectory file(s) not found: {', '.join(missing)}[/red]")
+        raise typer.Exit(1)
+    base = default_model_path() if cfg.llm.model == "default" else Path(cfg.llm.model)
+    tokenizer = AutoTokenizer.from_pretrained(str(base), local_files_only=True)
+    t = cfg.train
+    examples = build_examples(load_trajectories(data), tokenizer, t.loss, t.observations_in_loss, cfg.env.phrasing,
+                              t.max_length)
+    console.print(f"{len(examples)} weighted trajectories ({t.loss} loss) from {len(data)} file(s)")
+    epochs = t.epochs_first_round if round_ == 0 else t.epochs_later_rounds
+    start = None if t.from_base_each_round else init_adapter
+    stats = train_adapter(examples, base, out, t, epochs, init_adapter=start, dtype=cfg.llm.dtype, device=cfg.llm.device)
+    console.print_json(data=stats)
+    console.print(f"adapter: {out / 'adapter'}")
+
+
 if __name__ == "__main__":
     app()

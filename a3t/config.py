@@ -96,6 +96,38 @@ class RolloutConfig(_Section):
     seed: int = Field(0, description="Seed of exploration and sampling; each episode derives its own.")
 
 
+class TrainConfig(_Section):
+    loss: Literal["pg", "sft", "raw"] = Field(
+        "pg",
+        description="pg: A3T's binarized reward minus the task baseline, plus SFT on successes; sft: successes "
+        "only; raw: as pg with the real-valued reward (WebShop).",
+    )
+    observations_in_loss: bool = Field(
+        True, description="Also learn to predict the observations (the paper keeps them: a world model)."
+    )
+    load_in_4bit: bool = Field(True, description="QLoRA: the base model in 4-bit nf4 (paper).")
+    lora_r: int = Field(16, ge=1, description="LoRA rank (paper: 16).")
+    lora_alpha: int = Field(32, ge=1, description="LoRA alpha (paper: 32).")
+    lora_dropout: float = Field(0.05, ge=0, lt=1, description="LoRA dropout (not public in the paper; our choice).")
+    lora_targets: list[str] = Field(["q_proj", "v_proj"], description="Modules that get LoRA (paper: q_proj, v_proj).")
+    learning_rate: float = Field(1e-4, gt=0, description="Peak learning rate (paper: 1e-4).")
+    epochs_first_round: float = Field(10, gt=0, description="Epochs in round 0 (paper: 10).")
+    epochs_later_rounds: float = Field(6, gt=0, description="Epochs in rounds >= 1 (paper: 6).")
+    batch_size: int = Field(1, ge=1, description="Trajectories per device step.")
+    gradient_accumulation: int = Field(4, ge=1, description="Steps per optimizer update (batch size not public).")
+    max_length: int = Field(4096, ge=64, description="Tokens of a trajectory kept for training (the start is kept).")
+    optimizer: str = Field(
+        "paged_adamw_32bit", description="HF optimizer name (paper: paged AdamW 32-bit; on CPU: adamw_torch)."
+    )
+    average_last: int = Field(
+        2, ge=1, description="Average the adapters of the last N epoch checkpoints (paper: averaged; N not public)."
+    )
+    from_base_each_round: bool = Field(
+        True, description="Train each round from the base model on all data (paper); False: continue the last adapter."
+    )
+    seed: int = Field(0, description="Seed of LoRA init and data order.")
+
+
 class Config(_Section):
     games: GamesConfig = Field(default_factory=GamesConfig, description="Game generation and location.")
     env: EnvConfig = Field(default_factory=EnvConfig, description="The ALFWorld environment.")
@@ -104,6 +136,7 @@ class Config(_Section):
         None, description="The ActRe annotator's LLM; unset: the policy's LLM (as the paper)."
     )
     rollout: RolloutConfig = Field(default_factory=RolloutConfig, description="Rollouts and A3T exploration.")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="Contrastive self-training (QLoRA).")
 
 
 def _set(tree: dict, dotted: str, value: Any) -> None:

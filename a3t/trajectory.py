@@ -109,8 +109,11 @@ class TrajectoryStore:
                         self._quarantine(line, message)
 
     def _quarantine(self, line: str, reason: str) -> None:
+        entry = json.dumps({"reason": reason, "line": line.rstrip("\n")}) + "\n"
+        if self.quarantine.exists() and entry in self.quarantine.read_text(encoding="utf-8"):
+            return  # reported by an earlier read
         with self.quarantine.open("a", encoding="utf-8") as f:
-            f.write(json.dumps({"reason": reason, "line": line.rstrip("\n")}) + "\n")
+            f.write(entry)
 
     def _repair_torn_tail(self) -> None:
         """A crash during a write can leave a last line without its newline: move it aside."""
