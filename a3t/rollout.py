@@ -7,8 +7,9 @@ admissible actions and ActRe writes the thought (batched too). Scripted episodes
 annotate``) take their actions from a list and get every thought from ActRe. Finished
 episodes are appended to the TrajectoryStore at once; a rerun skips stored ones.
 
-Failed tasks are retried: attempt k >= 1 of a task runs if k <= retry_min, or if
-k <= retry_max and (not stop_at_first_success or the task has no success yet).
+Failed tasks are retried: when a task's first attempt fails, its attempt k >= 1 runs if
+k <= retry_max and (k <= retry_min, or not stop_at_first_success, or no attempt of the
+task has succeeded yet).
 """
 
 from __future__ import annotations

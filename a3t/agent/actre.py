@@ -47,15 +47,16 @@ def actre_chat(request: ActReRequest, phrasing: Phrasing) -> Chat:
 
 
 def parse_reason(text: str) -> str:
-    """The reason without the "Thought:" label; "" if the model wrote none."""
+    """The reason without the "Thought:" label, whitespace collapsed as in policy
+    thoughts; "" if the model wrote none."""
     for line in text.splitlines():
         line = line.strip()
         if not line:
             continue
         head, sep, rest = line.partition(":")
-        if sep and head.strip().lower() in ("thought", "reason"):
-            line = rest.strip()
-        return line
+        if sep and head.strip(" *_`>").lower() in ("thought", "reason"):
+            line = rest
+        return " ".join(line.strip(" *_`").split())
     return ""
 
 

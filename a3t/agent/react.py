@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from a3t.agent.examples import Example, example_for
 from a3t.envs.alfworld import Phrasing
-from a3t.llm.base import Chat
+from a3t.llm.base import ACTION_LINE, Chat, label
 from a3t.trajectory import StepRecord
 
 _COMMANDS = {
@@ -70,8 +70,7 @@ class ParsedTurn:
     action: str  # "" when no action could be read: the environment counts it invalid
 
 
-_ACTION = re.compile(r"^\W*action\s*\d*\s*[:：]\s*(.*)$", re.IGNORECASE | re.MULTILINE)
-_THOUGHT = re.compile(r"^\W*thought\s*[:：]\s*(.*?)\s*$", re.IGNORECASE | re.MULTILINE | re.DOTALL)
+_THOUGHT = re.compile(label("thought"), re.IGNORECASE | re.MULTILINE)
 
 
 def clean_action(text: str) -> str:
@@ -83,15 +82,20 @@ def clean_action(text: str) -> str:
 
 def parse_turn(text: str) -> ParsedTurn:
     """Read a model's turn. Tolerates case, markup, extra text and a missing thought; a
-    turn without an action line gives action "" (an invalid action, never an exception)."""
-    actions = list(_ACTION.finditer(text))
-    if not actions:
-        return ParsedTurn(thought=_thought(text), action="")
+    turn without an action line gives action "" (an invalid action, never an exception).
+    With several thought/action pairs, the last action and the thought written for it."""
+    labels = list(ACTION_LINE.finditer(text))
+    actions = [m for m in labels if clean_action(m.group(1))]
+    if not actions:  # an empty "Action:" line still ends the thought
+        return ParsedTurn(thought=_thought(text[: labels[0].start()] if labels else text), action="")
     last = actions[-1]
-    return ParsedTurn(thought=_thought(text[: last.start()]), action=clean_action(last.group(1)))
+    # The thought for this action is written after the previous action line, if any.
+    since = actions[-2].end() if len(actions) > 1 else 0
+    return ParsedTurn(thought=_thought(text[since : last.start()]), action=clean_action(last.group(1)))
 
 
 def _thought(text: str) -> str:
-    match = _THOUGHT.search(text)
-    thought = match.group(1) if match else text
-    return re.sub(r"\s+", " ", thought).strip()
+    """The text after the last "Thought:" label (all its lines), else the whole text."""
+    labels = list(_THOUGHT.finditer(text))
+    thought = text[labels[-1].start(1) :] if labels else text
+    return " ".join(thought.strip(" \t\n*_`").split())

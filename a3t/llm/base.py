@@ -54,13 +54,23 @@ class LLM(Protocol):
     def release(self, sessions: list[str]) -> None: ...
 
 
-_ACTION_LINE = re.compile(r"^\s*action\s*:[^\n]*\S[^\n]*\n", re.IGNORECASE | re.MULTILINE)
+def label(name: str) -> str:
+    """Regex of a line's label as models write it: "Action:", "ACTION 1:", "**Action:**",
+    "**Action**:", "> Action:". Group 1 is the rest of the line. Shared by the stop rule
+    and the agent's parser so that generation stops at every line the parser reads."""
+    return rf"^[^\w\n]*{name}[ \t]*\d*[ \t]*[*_`]*[ \t]*[:：][*_`]*[ \t]*([^\n]*)$"
+
+
+ACTION_LINE = re.compile(label("action"), re.IGNORECASE | re.MULTILINE)
 
 
 def stop_after_action_line(text: str) -> int | None:
-    """ReAct turns end with the action line: cut right after its newline."""
-    match = _ACTION_LINE.search(text)
-    return match.end() if match else None
+    """ReAct turns end with the action line: cut right after the newline of the first
+    action line that names an action."""
+    for match in ACTION_LINE.finditer(text):
+        if match.group(1).strip(" \t*_`'\"") and match.end() < len(text):  # its newline is there
+            return match.end() + 1
+    return None
 
 
 def stop_after_first_line(text: str) -> int | None:
