@@ -22,25 +22,28 @@ app.add_typer(games_app, name="games")
 console = Console()
 
 ConfigOption = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config file.")]
+ProfileOption = Annotated[str, typer.Option("--profile", "-p", help="Settings profile: default (CPU) or paper.")]
 OverridesArg = Annotated[
     Optional[list[str]], typer.Argument(help="Config overrides as section.key=value, e.g. games.train=60.")
 ]
 
 
-def _config(path: Path | None, overrides: list[str]) -> Config:
+def _config(path: Path | None, overrides: list[str], profile: str = "default") -> Config:
     try:
-        return load_config(path, overrides)
+        return load_config(path, overrides, profile)
     except ConfigError as e:
         console.print(f"[red]config error:[/red] {e}")
         raise typer.Exit(2) from None
 
 
 @games_app.command("generate")
-def games_generate(overrides: OverridesArg = None, config: ConfigOption = None) -> None:
+def games_generate(
+    overrides: OverridesArg = None, config: ConfigOption = None, profile: ProfileOption = "default"
+) -> None:
     """Generate solvable games of all 6 task types into games.root (official ALFWorld layout)."""
     from a3t.envs.alfworld_gen import game_jobs, generate_games
 
-    cfg = _config(config, overrides or [])
+    cfg = _config(config, overrides or [], profile)
     g = cfg.games
     jobs = game_jobs(g.root, g.counts(), g.seed, g.size, g.plan_timeout_s)
     new = {split: 0 for split in g.counts()}
@@ -79,6 +82,7 @@ def games_play(
     split: Annotated[Optional[list[str]], typer.Option("--split", "-s", help="Split(s) to play (default: all).")] = None,
     interactive: Annotated[bool, typer.Option("--interactive", "-i", help="Play the first game yourself.")] = False,
     config: ConfigOption = None,
+    profile: ProfileOption = "default",
 ) -> None:
     """Play games by their walkthrough and print won / steps per game, or play one yourself."""
     from a3t.envs.alfworld import play_walkthrough
@@ -89,7 +93,7 @@ def games_play(
     if len(targets) > 1:
         console.print(f"[red]one DIR at most, got {len(targets)}: {' '.join(targets)}[/red]")
         raise typer.Exit(2)
-    cfg = _config(config, overrides)
+    cfg = _config(config, overrides, profile)
     games = _games_to_play(Path(targets[0]) if targets else cfg.games.root, split or ["train", "valid_seen", "valid_unseen"])
     if interactive:
         _play_interactively(games[0], cfg)
@@ -179,6 +183,7 @@ def _models(cfg: Config, need_policy: bool = True):
 def rollout_command(
     overrides: OverridesArg = None,
     config: ConfigOption = None,
+    profile: ProfileOption = "default",
     split: SplitOption = "train",
     out: Annotated[Path, typer.Option(help="Trajectory JSONL file (appended; finished episodes are skipped).")] = Path(
         "data/trajectories/rollout.jsonl"
@@ -191,7 +196,7 @@ def rollout_command(
     from a3t.rollout import task_for
     from a3t.trajectory import TrajectoryStore
 
-    cfg = _config(config, overrides or [])
+    cfg = _config(config, overrides or [], profile)
     tasks = [task_for(g) for g in find_games(cfg.games.root, split)][:limit]
     policy, annotator = _models(cfg)
     _progress_rollout(tasks, TrajectoryStore(out), policy, annotator, cfg, round_, f"rollout {split}")
@@ -201,6 +206,7 @@ def rollout_command(
 def annotate_command(
     overrides: OverridesArg = None,
     config: ConfigOption = None,
+    profile: ProfileOption = "default",
     split: SplitOption = "train",
     count: Annotated[Optional[int], typer.Option(help="Annotate the walkthroughs of the first N games.")] = None,
     episodes: Annotated[
@@ -215,7 +221,7 @@ def annotate_command(
     from a3t.envs.alfworld import GameFileError, find_games
     from a3t.trajectory import TrajectoryStore
 
-    cfg = _config(config, overrides or [])
+    cfg = _config(config, overrides or [], profile)
     try:
         if episodes is not None:
             tasks = recorded_tasks(episodes, cfg.env.phrasing)
@@ -236,6 +242,7 @@ def train_command(
     data: Annotated[list[Path], typer.Option("--data", "-d", help="Trajectory JSONL file(s): all rounds so far.")],
     overrides: OverridesArg = None,
     config: ConfigOption = None,
+    profile: ProfileOption = "default",
     out: Annotated[Path, typer.Option(help="Output folder: adapter/ and checkpoints/ (resumed if present).")] = Path(
         "data/adapters/round_0"
     ),
@@ -251,7 +258,7 @@ def train_command(
     from a3t.llm.models import default_model_path
     from a3t.train import train_adapter
 
-    cfg = _config(config, overrides or [])
+    cfg = _config(config, overrides or [], profile)
     missing = [str(p) for p in data if not p.is_file()]
     if missing:
         console.print(f"[red]trajectory file(s) not found: {', '.join(missing)}[/red]")

@@ -91,7 +91,9 @@ class RolloutConfig(_Section):
     max_new_tokens: int = Field(96, ge=8, description="Most tokens of one policy turn (thought + action).")
     actre_max_new_tokens: int = Field(64, ge=8, description="Most tokens of one ActRe reason.")
     retry_min: int = Field(0, ge=0, description="Retries of a failed task that run even after a success (WebShop: 3).")
-    retry_max: int = Field(40, ge=0, description="Most retries of a failed task (paper: ALFWorld 40, WebShop 20).")
+    retry_max: int = Field(
+        2, ge=0, description="Most retries of a failed task (paper: ALFWorld 40, WebShop 20; CPU default: 2)."
+    )
     stop_at_first_success: bool = Field(True, description="Stop retrying a task once an attempt succeeds.")
     seed: int = Field(0, description="Seed of exploration and sampling; each episode derives its own.")
 
@@ -110,9 +112,9 @@ class TrainConfig(_Section):
     lora_alpha: int = Field(32, ge=1, description="LoRA alpha (paper: 32).")
     lora_dropout: float = Field(0.05, ge=0, lt=1, description="LoRA dropout (not public in the paper; our choice).")
     lora_targets: list[str] = Field(["q_proj", "v_proj"], description="Modules that get LoRA (paper: q_proj, v_proj).")
-    learning_rate: float = Field(1e-4, gt=0, description="Peak learning rate (paper: 1e-4).")
-    epochs_first_round: float = Field(10, gt=0, description="Epochs in round 0 (paper: 10).")
-    epochs_later_rounds: float = Field(6, gt=0, description="Epochs in rounds >= 1 (paper: 6).")
+    learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate (paper: 1e-4; CPU default: 2e-4, fewer epochs).")
+    epochs_first_round: float = Field(3, gt=0, description="Epochs in round 0 (paper: 10; CPU default: 3).")
+    epochs_later_rounds: float = Field(2, gt=0, description="Epochs in rounds >= 1 (paper: 6; CPU default: 2).")
     batch_size: int = Field(1, ge=1, description="Trajectories per device step.")
     gradient_accumulation: int = Field(4, ge=1, description="Steps per optimizer update (batch size not public).")
     max_length: int = Field(4096, ge=64, description="Tokens of a trajectory kept for training (the start is kept).")
@@ -149,8 +151,37 @@ def _set(tree: dict, dotted: str, value: Any) -> None:
     tree[leaf] = value
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Defaults, then the YAML file, then ``section.key=value`` overrides (values parsed as YAML)."""
+# Named sets of settings applied on top of the defaults, before a config file and overrides.
+# The defaults are the CPU profile: a laptop, offline, minutes per round.
+PROFILES: dict[str, dict] = {
+    "default": {},
+    # The A3T paper's setup (ALFWorld, Mistral-7B-Instruct-v0.2 on one GPU). The model comes from
+    # a local path or the HF cache: set llm.model to a folder if it is not cached.
+    "paper": {
+        "llm": {"model": "mistralai/Mistral-7B-Instruct-v0.2", "load_in_4bit": True, "dtype": "bfloat16",
+                "device": "cuda"},
+        "games": {"size": "alfworld"},
+        "rollout": {"retry_max": 40, "stop_at_first_success": True, "p_explore": 0.1},
+        "train": {"learning_rate": 1e-4, "epochs_first_round": 10, "epochs_later_rounds": 6,
+                  "optimizer": "paged_adamw_32bit", "load_in_4bit": True, "lora_r": 16, "lora_alpha": 32},
+    },
+}
+
+
+def _merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for key, value in top.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), profile: str = "default"
+) -> Config:
+    """Defaults, then the profile, then the YAML file, then ``section.key=value`` overrides
+    (values parsed as YAML)."""
+    if profile not in PROFILES:
+        raise ConfigError(f"unknown profile {profile!r}; profiles: {', '.join(PROFILES)}")
     tree: dict = {}
     if path is not None:
         path = Path(path)
@@ -163,6 +194,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
         tree = loaded or {}
+    tree = _merge(PROFILES[profile], tree)
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:

@@ -45,3 +45,17 @@ def test_malformed_yaml_names_the_file(tmp_path):
         load_config(path)
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(tmp_path / "missing.yaml")
+
+
+def test_profiles_sit_between_defaults_and_file(tmp_path):
+    paper = load_config(profile="paper")
+    assert paper.train.epochs_first_round == 10 and paper.train.epochs_later_rounds == 6  # the paper
+    assert paper.train.learning_rate == 1e-4 and paper.rollout.retry_max == 40
+    default = load_config()
+    assert default.train.epochs_first_round < paper.train.epochs_first_round  # CPU default: fewer epochs
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  epochs_first_round: 4\n")
+    cfg = load_config(path, ["train.lora_r=8"], profile="paper")
+    assert cfg.train.epochs_first_round == 4 and cfg.train.lora_r == 8 and cfg.train.epochs_later_rounds == 6
+    with pytest.raises(ConfigError, match="unknown profile 'huge'"):
+        load_config(profile="huge")
