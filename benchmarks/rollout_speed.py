@@ -1,0 +1,428 @@
+"""How fast a3t's rollout engine plays episodes with a real LLM, against the naive loop.
+
+Measured in one run, on the same generated games, with the same model, seed, greedy
+decoding, ``max_new_tokens`` and step limit:
+
+1. ours: ``a3t.rollout.rollout()`` with ``parallel_episodes`` episodes at once (every
+   policy call one batch, each episode's KV cache reused between turns). The A3T rollout
+   settings, except: p_explore=0 and forced exploration off (so both sides only ask the
+   policy, never ActRe), temperature 0, and no retries of failed games (both sides play
+   each game once);
+2. naive: one episode at a time; each turn the whole history is re-encoded with
+   ``tokenizer.apply_chat_template(react_chat(...))`` and completed by a plain
+   ``model.generate(max_new_tokens=..., do_sample=False)`` cut at the action line by a
+   StoppingCriteria (the same rule as ours), then ``parse_turn`` and ``env.step``: the
+   loop a first implementation would write (no KV reuse, no batching);
+3. the ceiling: tokens/s of ONE batched decode forward (batch = parallel episodes, one
+   new token per row, a KV cache as long as the typical context our rollouts reached),
+   i.e. the most decode throughput this model can give on this machine; our tokens/s
+   (overall, and over decode forwards only) as a fraction of it.
+
+Our engine's time is split into prefill forwards, decode forwards, the rest of the LLM
+call (render, tokenize, cache assembly, stop rule: Python), env steps, env start-up
+(load + reset) and the rest (rollout bookkeeping, store writes).
+
+``--quick`` (2 steps, 8 new tokens a turn) is a smoke test: its time goes mostly to encoding
+the first prompt of each game (~600-900 tokens), which neither batching nor KV reuse speeds
+up. The full run (6 steps, 96 tokens) shows the engine's gains.
+
+The machine may be shared: cpu/wall of each side is reported, and a run whose process did
+not get its cores is flagged "contended" (with 2 torch threads on 2 busy cores, a decode
+forward can get 10-40x slower; ``--threads 1`` is then the steadier measurement).
+
+Run:  python benchmarks/rollout_speed.py [--quick] [--model PATH] [--parallel N] [--steps N]
+      [--max-new-tokens N] [--threads N] [--games DIR] [--profile FILE]
+The last line of stdout is one JSON object with the figures (DESIGN.md §5).
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+from transformers import DynamicCache, StoppingCriteria, StoppingCriteriaList
+from transformers.utils import logging as hf_logging
+
+import a3t.rollout as rollout_module
+from a3t.agent.actre import ActReAnnotator
+from a3t.agent.react import parse_turn, react_chat
+from a3t.config import EnvConfig, RolloutConfig
+from a3t.envs.alfworld import AlfWorldEnv
+from a3t.envs.alfworld_gen import game_jobs, generate_games
+from a3t.llm.base import stop_after_action_line
+from a3t.llm.models import default_model_path, load_model
+from a3t.llm.transformers_llm import TransformersLLM
+from a3t.rollout import Task, rollout
+from a3t.trajectory import StepRecord, TrajectoryStore
+
+console = Console(stderr=True)  # progress and tables on stderr; stdout ends with the JSON
+
+
+class _Clock:
+    """Wall and process CPU seconds of a phase: cpu/wall < number of threads means the
+    process did not get its cores (the machine is shared)."""
+
+    def __init__(self):
+        self.wall = self.cpu = 0.0
+
+    @contextmanager
+    def __call__(self):
+        w, c = time.perf_counter(), time.process_time()
+        try:
+            yield
+        finally:
+            self.wall += time.perf_counter() - w
+            self.cpu += time.process_time() - c
+
+
+def make_games(root: Path, count: int, seed: int) -> list[Path]:
+    # Small rooms (a3t's default for CPU models); the same seed gives the same games, and a
+    # game already in ``root`` is not generated again.
+    jobs = game_jobs(root, {"train": count}, seed=seed, size="small", plan_timeout_s=20)
+    return sorted(path for _, path, _ in generate_games(jobs, workers=min(2, os.cpu_count() or 1)))
+
+
+# --------------------------------------------------------------------------- ours
+
+
+def run_ours(games, llm: TransformersLLM, cfg: RolloutConfig, env_cfg: EnvConfig, profile: str | None) -> dict:
+    forwards: list[tuple[int, int, float]] = []  # (rows, new tokens per row, seconds)
+    original_forward = llm._forward
+
+    def timed_forward(input_ids, mask, cache):
+        t = time.perf_counter()
+        logits = original_forward(input_ids, mask, cache)
+        forwards.append((input_ids.shape[0], input_ids.shape[1], time.perf_counter() - t))
+        return logits
+
+    starts = _Clock()
+    original_start = rollout_module._start
+
+    def timed_start(*args, **kwargs):
+        with starts():
+            return original_start(*args, **kwargs)
+
+    turns: list[float] = []
+    last = [time.perf_counter()]
+
+    def on_progress(_stats):
+        now = time.perf_counter()
+        turns.append(now - last[0])
+        last[0] = now
+
+    tasks = [Task(task_id=f"g{i}", game=Path(game)) for i, game in enumerate(games)]
+    annotator = ActReAnnotator(llm, phrasing=env_cfg.phrasing)  # never asked: p_explore=0, forced off
+    clock = _Clock()
+    llm._forward = timed_forward  # instance attribute: instruments this object only
+    rollout_module._start = timed_start
+    profiler = cProfile.Profile() if profile else None
+    try:
+        with tempfile.TemporaryDirectory(prefix="a3t-rollout-speed-") as tmp:
+            store = TrajectoryStore(Path(tmp) / "rollout.jsonl")
+            with clock():
+                last[0] = time.perf_counter()
+                if profiler:
+                    profiler.enable()
+                stats = rollout(tasks, store, llm, annotator, cfg, env_cfg, on_progress=on_progress)
+                if profiler:
+                    profiler.disable()
+            trajectories = {t.task_id: t for t in store.read()}
+    finally:
+        del llm._forward
+        rollout_module._start = original_start
+    if profiler:
+        profiler.dump_stats(profile)
+
+    if annotator.fallbacks or any(s.explored for t in trajectories.values() for s in t.steps):
+        print("warning: ours explored (ActRe was asked): the comparison is not policy-only", file=sys.stderr)
+    prefill = [f for f in forwards if f[1] > 1]
+    decode = [f for f in forwards if f[1] == 1]
+    prefill_s = sum(s for _, _, s in prefill)
+    decode_s = sum(s for _, _, s in decode)
+    steps = sum(len(t.steps) for t in trajectories.values())
+    return {
+        "wall_s": clock.wall,
+        "cpu_s": clock.cpu,
+        "env_steps": steps,
+        "completion_tokens": stats.completion_tokens,
+        "prompt_tokens_encoded": stats.prompt_tokens,
+        "prefill_s": prefill_s,
+        "prefill_calls": len(prefill),
+        "prefill_padded_tokens": sum(r * n for r, n, _ in prefill),
+        "decode_s": decode_s,
+        "decode_forwards": len(decode),
+        "decode_step_median_s": statistics.median(s for _, _, s in decode) if decode else 0.0,
+        # Rows computed per generated token: a row that has finished rides along until the
+        # batch's last row finishes (every forward, prefill included, yields a token per active row).
+        "row_slots": sum(rows for rows, _, _ in forwards),
+        "llm_other_s": stats.llm_s - prefill_s - decode_s,  # render, tokenize, assemble/extract cache, pick, stop rule
+        "env_step_s": stats.env_s,
+        "env_start_s": starts.wall,  # load + reset of each game
+        "turn_median_s": statistics.median(turns) if turns else 0.0,
+        "other_s": clock.wall - stats.llm_s - stats.env_s - starts.wall,
+        "actions": {task_id: [s.action for s in t.steps] for task_id, t in trajectories.items()},
+        "trajectories": trajectories,
+    }
+
+
+# --------------------------------------------------------------------------- naive
+
+
+class _StopAtActionLine(StoppingCriteria):
+    """generate() stops a row once its text holds a complete action line: the rule ours uses."""
+
+    def __init__(self, tokenizer, prompt_length: int):
+        self.tokenizer, self.prompt_length = tokenizer, prompt_length
+
+    def __call__(self, input_ids, scores, **kwargs):
+        done = [stop_after_action_line(self.tokenizer.decode(row[self.prompt_length :], skip_special_tokens=True))
+                is not None for row in input_ids]
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+
+def run_naive(games, model, tokenizer, max_new_tokens: int, env_cfg: EnvConfig) -> dict:
+    end_ids = {i for i in (model.generation_config.eos_token_id, tokenizer.eos_token_id) if i is not None}
+    clock, starts, encode, generate, env_steps = _Clock(), _Clock(), _Clock(), _Clock(), _Clock()
+    prompt_tokens = completion_tokens = 0
+    step_times: list[float] = []
+    actions: dict[str, list[str]] = {}
+    with clock():
+        for i, game in enumerate(games):
+            with starts():
+                env = AlfWorldEnv(game, phrasing=env_cfg.phrasing, max_steps=env_cfg.max_steps)
+                first = env.reset()
+            steps: list[StepRecord] = []
+            while True:
+                t = time.perf_counter()
+                with encode():
+                    chat = react_chat(first.task_type, first.observation, steps, env.phrasing)
+                    inputs = tokenizer.apply_chat_template(chat, add_generation_prompt=True, return_dict=True,
+                                                           return_tensors="pt").to(model.device)
+                length = inputs["input_ids"].shape[1]
+                with generate(), torch.inference_mode():
+                    out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                                         pad_token_id=tokenizer.pad_token_id,
+                                         stopping_criteria=StoppingCriteriaList([_StopAtActionLine(tokenizer, length)]))
+                new = [token for token in out[0, length:].tolist() if token not in end_ids]
+                text = tokenizer.decode(new, skip_special_tokens=True)
+                cut = stop_after_action_line(text)
+                parsed = parse_turn(text[:cut] if cut is not None else text)
+                with env_steps():
+                    step = env.step(parsed.action)
+                steps.append(StepRecord(thought=parsed.thought, action=parsed.action, observation=step.observation,
+                                        explored=False, valid=step.valid))
+                prompt_tokens += length
+                completion_tokens += len(new)
+                step_times.append(time.perf_counter() - t)
+                if step.done:
+                    break
+            actions[f"g{i}"] = [s.action for s in steps]
+    return {
+        "wall_s": clock.wall,
+        "cpu_s": clock.cpu,
+        "env_steps": len(step_times),
+        "completion_tokens": completion_tokens,
+        "prompt_tokens_encoded": prompt_tokens,
+        "encode_s": encode.wall,  # render + tokenize the whole history
+        "generate_s": generate.wall,  # prefill of the whole history + decode
+        "env_step_s": env_steps.wall,
+        "env_start_s": starts.wall,
+        "step_median_s": statistics.median(step_times) if step_times else 0.0,
+        "actions": actions,
+    }
+
+
+# --------------------------------------------------------------------------- ceiling
+
+
+def context_lengths(trajectories, tokenizer, phrasing) -> list[int]:
+    """Tokens of the policy's prompt at every turn our rollouts played (the KV cache a
+    decode step attends to, before the turn's own generated tokens)."""
+    lengths = []
+    for t in trajectories.values():
+        for k in range(len(t.steps)):
+            chat = react_chat(t.task_type, t.initial_observation, t.steps[:k], phrasing)
+            text = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+            lengths.append(len(tokenizer(text, add_special_tokens=False)["input_ids"]))
+    return lengths
+
+
+@torch.inference_mode()
+def decode_ceiling(model, batch: int, length: int, reps: int) -> float:
+    """Median seconds of one forward of 1 new token per row over a full KV cache of ``length``
+    (no padding) at batch ``batch``: the floor of a decode step's time in this model."""
+    cfg = model.config
+    heads = cfg.num_key_value_heads
+    dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    dtype = next(model.parameters()).dtype
+    cache = DynamicCache(config=cfg)
+    for layer in range(cfg.num_hidden_layers):
+        cache.update(torch.randn(batch, heads, length, dim, dtype=dtype) * 0.1,
+                     torch.randn(batch, heads, length, dim, dtype=dtype) * 0.1, layer)
+    ids = torch.full((batch, 1), 100, dtype=torch.long)
+    times = []
+    for rep in range(reps + 2):  # 2 warm-up forwards
+        n = length + rep
+        mask = torch.ones(batch, n + 1, dtype=torch.long)
+        positions = torch.full((batch, 1), n, dtype=torch.long)
+        t = time.perf_counter()
+        model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times[2:])
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer steps and tokens: about a minute on 2 cores")
+    parser.add_argument("--model", metavar="PATH", help="HF model folder (default: SmolLM2-135M-Instruct)")
+    parser.add_argument("--parallel", type=int, default=8, help="episodes played at once by ours (= games)")
+    parser.add_argument("--steps", type=int, help="step limit of every episode (quick 2, full 6)")
+    parser.add_argument("--max-new-tokens", type=int, help="most tokens of one turn (quick 8, full 96 = A3T default)")
+    parser.add_argument("--games", metavar="DIR", help="game cache (default: $A3T_CACHE or ~/.cache/a3t, bench-games/)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--profile", metavar="FILE", help="write a cProfile of our rollout to FILE")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's, one per core)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    hf_logging.set_verbosity_error()  # generate()'s notes about generation flags
+
+    started = time.perf_counter()
+    # Other processes on the machine skew every figure; record the load and each side's CPU use.
+    load_before = os.getloadavg()[0]
+    console.print(f"load average at start: {os.getloadavg()}; torch threads: {torch.get_num_threads()}")
+    steps = args.steps or (2 if args.quick else 6)
+    max_new_tokens = args.max_new_tokens or (8 if args.quick else RolloutConfig().max_new_tokens)
+    n = args.parallel
+
+    model_path = Path(args.model) if args.model else default_model_path()  # converts once, then cached
+    t = time.perf_counter()
+    model, tokenizer = load_model(model_path)
+    load_s = time.perf_counter() - t
+    cache_root = Path(os.environ.get("A3T_CACHE") or "~/.cache/a3t").expanduser()
+    t = time.perf_counter()
+    games = make_games(Path(args.games) if args.games else cache_root / "bench-games", n, args.seed)
+    games_s = time.perf_counter() - t
+
+    env_cfg = EnvConfig(max_steps=steps)  # phrasing: a3t's default
+    defaults = RolloutConfig()
+    cfg = defaults.model_copy(update={
+        "parallel_episodes": n,
+        "p_explore": 0.0,  # both sides only use the policy
+        "forced_explore_after_invalid": steps + 1,  # never reached: forced exploration would ask ActRe
+        "temperature": 0.0,
+        "max_new_tokens": max_new_tokens,
+        "retry_max": 0,  # each game played once, as the naive loop does
+        "seed": args.seed,
+    })
+    llm = TransformersLLM(model=model, tokenizer=tokenizer, name=model_path.name)
+
+    console.print(f"ours: {n} games, {n} episodes at once, <= {steps} steps, <= {max_new_tokens} new tokens a turn")
+    ours = run_ours(games, llm, cfg, env_cfg, args.profile)
+    lengths = context_lengths(ours["trajectories"], tokenizer, env_cfg.phrasing)
+    mean_completion = ours["completion_tokens"] / max(ours["env_steps"], 1)
+    # A decode step attends to the prompt plus the tokens generated so far: mid-turn, half of them.
+    context = int(statistics.median(lengths) + mean_completion / 2)
+    # Measured right after each side (the load on a shared machine drifts): the median of both.
+    reps = 4 if args.quick else 8
+    ceiling = [decode_ceiling(model, n, context, reps)]
+    console.print(f"  {ours['wall_s']:.1f} s; naive: one episode at a time")
+    naive = run_naive(games, model, tokenizer, max_new_tokens, env_cfg)
+    console.print(f"  {naive['wall_s']:.1f} s")
+    ceiling.append(decode_ceiling(model, n, context, reps))
+    step_s = statistics.median(ceiling)
+
+    agree = [a == b for g in ours["actions"] for a, b in zip(ours["actions"][g], naive["actions"].get(g, []))]
+    if ours["env_steps"] != naive["env_steps"]:
+        print(f"warning: ours played {ours['env_steps']} steps, naive {naive['env_steps']}", file=sys.stderr)
+
+    fig = {"bench": "rollout_speed", "quick": args.quick, "model": model_path.name, "games": len(games),
+           "parallel": n, "steps_limit": steps, "max_new_tokens": max_new_tokens,
+           "torch_threads": torch.get_num_threads()}
+    for name, side in (("ours", ours), ("naive", naive)):
+        fig[f"{name}_steps"] = side["env_steps"]
+        fig[f"{name}_tokens"] = side["completion_tokens"]
+        fig[f"{name}_wall_s"] = side["wall_s"]
+        fig[f"{name}_steps_s"] = side["env_steps"] / side["wall_s"]
+        fig[f"{name}_tok_s"] = side["completion_tokens"] / side["wall_s"]
+        fig[f"{name}_cpu_per_wall"] = side["cpu_s"] / side["wall_s"]
+        fig[f"{name}_prompt_tokens_encoded"] = side["prompt_tokens_encoded"]
+    fig["ratio_steps_s"] = fig["ours_steps_s"] / fig["naive_steps_s"]
+    fig["ratio_tok_s"] = fig["ours_tok_s"] / fig["naive_tok_s"]
+    fig["actions_agree"] = sum(agree) / max(len(agree), 1)
+    played = [a for acts in ours["actions"].values() for a in acts]
+    fig["ours_nonempty_actions"] = sum(bool(a) for a in played) / max(len(played), 1)
+    fig["ours_valid_actions"] = (sum(s.valid for t in ours["trajectories"].values() for s in t.steps)
+                                 / max(len(played), 1))
+    fig["ours_successes"] = sum(t.success for t in ours["trajectories"].values())
+    fig["context_median_tokens"] = int(statistics.median(lengths))
+    fig["context_max_tokens"] = max(lengths)
+    fig["ceiling_context_tokens"] = context
+    fig["ceiling_step_s"] = step_s
+    fig["ceiling_step_s_after_ours"], fig["ceiling_step_s_after_naive"] = ceiling
+    fig["ceiling_tok_s"] = n / step_s
+    fig["ours_decode_tok_s"] = ours["completion_tokens"] / ours["decode_s"] if ours["decode_s"] else 0.0
+    fig["ours_fraction_of_ceiling"] = fig["ours_tok_s"] / fig["ceiling_tok_s"]
+    fig["ours_decode_fraction_of_ceiling"] = fig["ours_decode_tok_s"] / fig["ceiling_tok_s"]
+    fig["ours_row_slot_use"] = ours["completion_tokens"] / max(ours["row_slots"], 1)
+    for key in ("prefill_s", "prefill_calls", "prefill_padded_tokens", "decode_s", "decode_forwards",
+                "decode_step_median_s", "llm_other_s", "env_step_s", "env_start_s", "other_s", "turn_median_s"):
+        fig[f"ours_{key}"] = ours[key]
+    for key in ("encode_s", "generate_s", "env_step_s", "env_start_s", "step_median_s"):
+        fig[f"naive_{key}"] = naive[key]
+    fig["model_load_s"] = load_s
+    fig["games_s"] = games_s
+    fig["wall_s"] = time.perf_counter() - started
+    fig["load_avg_before"] = load_before
+    fig["load_avg_after"] = os.getloadavg()[0]
+    # A process that got its cores shows cpu/wall near its thread count. Far below it, other
+    # processes took the cores, and with several threads each op then waits for its slowest one.
+    threads = torch.get_num_threads()
+    fig["contended"] = min(fig["ours_cpu_per_wall"], fig["naive_cpu_per_wall"]) < 0.8 * threads
+    fig = {k: round(v, 3) if isinstance(v, float) else v for k, v in fig.items()}
+
+    table = Table(title=f"Rollout speed: {len(games)} games, <= {steps} steps, <= {max_new_tokens} new tokens a turn, "
+                        f"{model_path.name}, greedy")
+    for column in ("setup", "env steps", "tokens", "wall s", "steps/s", "tok/s", "cpu/wall"):
+        table.add_column(column, justify="left" if column == "setup" else "right")
+    for name, label in (("ours", f"a3t rollout(), {n} at once, KV reuse"), ("naive", "naive loop, generate()")):
+        table.add_row(label, *(str(fig[f"{name}_{k}"]) for k in ("steps", "tokens", "wall_s", "steps_s", "tok_s",
+                                                                  "cpu_per_wall")))
+    out = Console(stderr=True)
+    out.print(table)
+    out.print(f"ours / naive: steps/s x{fig['ratio_steps_s']}, tok/s x{fig['ratio_tok_s']}; "
+              f"same action at {fig['actions_agree']:.0%} of steps")
+    out.print(f"decode ceiling (batch {n}, context {context}): {fig['ceiling_step_s']} s/forward = "
+              f"{fig['ceiling_tok_s']} tok/s; ours {fig['ours_fraction_of_ceiling']:.0%} of it overall, "
+              f"{fig['ours_decode_fraction_of_ceiling']:.0%} over decode forwards "
+              f"({fig['ours_row_slot_use']:.0%} of batch rows busy)")
+    out.print(f"ours' {fig['ours_wall_s']} s: prefill {fig['ours_prefill_s']} ({fig['ours_prefill_calls']} calls, "
+              f"{fig['ours_prefill_padded_tokens']} padded tokens), decode {fig['ours_decode_s']} "
+              f"({fig['ours_decode_forwards']} forwards, median {fig['ours_decode_step_median_s']} s), "
+              f"rest of LLM calls {fig['ours_llm_other_s']}, env steps {fig['ours_env_step_s']}, "
+              f"env start {fig['ours_env_start_s']}, other {fig['ours_other_s']}")
+    out.print(f"naive's {fig['naive_wall_s']} s: encode {fig['naive_encode_s']}, generate {fig['naive_generate_s']}, "
+              f"env steps {fig['naive_env_step_s']}, env start {fig['naive_env_start_s']}; wall {fig['wall_s']} s")
+    if fig["contended"]:
+        out.print(f"[bold red]warning[/]: cpu/wall far below {threads} threads (load average {fig['load_avg_before']} "
+                  f"-> {fig['load_avg_after']}): other processes took the cores and the figures are unreliable; "
+                  "rerun on an idle machine or with --threads 1")
+    print(json.dumps(fig))
+
+
+if __name__ == "__main__":
+    main()
