@@ -20,3 +20,15 @@ def tiny_model_dir(tmp_path_factory):
     from a3t.llm.models import build_tiny_mistral
 
     return build_tiny_mistral(tmp_path_factory.mktemp("tiny-mistral"), seed=0)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """The tiny model runs several times faster on one thread than on two when the
+    machine's (two) cores are busy; restored after the module."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -72,16 +72,7 @@ def _content(t: Trajectory) -> dict:
     return t.model_dump(exclude={"timings"})
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """The tiny model runs several times faster on one thread than on two when the
-    machine's (two) cores are busy; restored after the module."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
