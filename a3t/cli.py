@@ -5,7 +5,12 @@ Every subcommand takes ``--config FILE`` and ``section.key=value`` overrides.
 
 from __future__ import annotations
 
+import os
 import sys
+
+# Busy-waiting OpenMP threads make every torch step 10-20x slower when another process
+# shares the cores (measured on 2-core machines); sleep instead unless the user chose.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from pathlib import Path
 from typing import Annotated, Optional
 

@@ -391,7 +391,8 @@ def head_bench(base, rows: list, s: dict, reps: int) -> dict:
     batch = Collator(0)([ExampleDataset(rows)[i] for i in range(s["batch_size"])])
     batch = {k: v.to(device) for k, v in batch.items()}
     with torch.no_grad():
-        hidden = base.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        decoder = base.get_decoder()
+        hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
     head = base.get_output_embeddings()
     labels, weights = batch["labels"], batch["weights"]
     n_items = (labels[:, 1:] != -100).sum()
@@ -415,7 +416,7 @@ def head_bench(base, rows: list, s: dict, reps: int) -> dict:
                 _CHUNKED_LOGPROB_CHUNK_SIZE, None, 1.0, ("log_probs", "entropy", "is_top1"))
             lp = lp.view(mask.shape).masked_fill(~mask, 0)
             return h, -lp.sum() / n_items
-    except ImportError:  # TRL's kernel API (1.x): another TRL version may not have it: another TRL version may not have it
+    except ImportError:  # TRL's kernel API (1.x): another TRL version may not have it
         pass
 
     def plain():  # transformers' causal-LM loss (ForCausalLMLoss): the plain NLL on full logits
@@ -443,8 +444,8 @@ def head_bench(base, rows: list, s: dict, reps: int) -> dict:
             h, loss = fn()
             loss.backward()
         del h, loss
-        out[name] = {"forward_ms": 1000 * statistics.median(fwd[1:]), "backward_ms": 1000 * statistics.median(bwd[1:]),
-                     "peak_mem_delta_mib": mem.delta_mib}
+        out[name] = {"forward_ms": 1000 * statistics.median(fwd[1:]),
+                     "backward_ms": 1000 * statistics.median(bwd[1:]), "peak_mem_delta_mib": mem.delta_mib}
     if trl_fn is not None:  # with every weight 1, ours is the plain NLL: it must equal TRL's
         _, a = ours(torch.ones_like(weights))
         _, b = trl_fn()
@@ -596,7 +597,8 @@ def main() -> None:
     parser.add_argument("--model", metavar="PATH", help="HF model folder (default: SmolLM2-135M-Instruct)")
     parser.add_argument("--tiny", action="store_true", help="the tiny random Mistral of the tests instead")
     parser.add_argument("--seq-len", type=int, help="tokens per sequence (default 512)")
-    parser.add_argument("--steps", type=int, help="timed optimizer steps per run, after 1 warm-up (default 3; --quick 2)")
+    parser.add_argument("--steps", type=int,
+                        help="timed optimizer steps per run, after 1 warm-up (default 3; --quick 2)")
     parser.add_argument("--4bit", dest="four_bit", action=argparse.BooleanOptionalAction, default=None,
                         help="QLoRA nf4 only / full precision only (default: both; --quick: 4-bit)")
     parser.add_argument("--reps", type=int, help="runs per trainer, alternated; medians (default 2)")
@@ -697,8 +699,10 @@ def main() -> None:
             f"ours_tok_s_{tag}_runs": [r["tokens_s"] for r in o], f"trl_tok_s_{tag}_runs": [r["tokens_s"] for r in t],
             f"ours_peak_mem_mib_{tag}": _med(o, "peak_mem_delta_mib"),
             f"trl_peak_mem_mib_{tag}": _med(t, "peak_mem_delta_mib"),
-            f"ours_fwd_loss_s_{tag}": _med(o, "forward_s") / steps, f"trl_fwd_loss_s_{tag}": _med(t, "forward_s") / steps,
-            f"ours_backward_s_{tag}": _med(o, "backward_s") / steps, f"trl_backward_s_{tag}": _med(t, "backward_s") / steps,
+            f"ours_fwd_loss_s_{tag}": _med(o, "forward_s") / steps,
+            f"trl_fwd_loss_s_{tag}": _med(t, "forward_s") / steps,
+            f"ours_backward_s_{tag}": _med(o, "backward_s") / steps,
+            f"trl_backward_s_{tag}": _med(t, "backward_s") / steps,
             f"load_s_{tag}": res["load_s"],
         })
         h = res["head"]
