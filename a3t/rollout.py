@@ -162,6 +162,7 @@ def rollout(
                 store.append(trajectory)
                 if policy is not None:
                     policy.release([episode.episode_id])
+                annotator.llm.release([_actre_session(episode)])
                 scheduler.finished(episode.task.task_id, episode.attempt, trajectory.success)
                 stats.episodes += 1
                 stats.successes += trajectory.success
@@ -211,11 +212,15 @@ def _choose_actions(active, policy, annotator, sampling, cfg: RolloutConfig, tur
         requests = [ActReRequest(active[i].first.task_type, active[i].first.observation, active[i].steps, action)
                     for i, action, _ in explores]
         t0 = time.perf_counter()
-        answers = annotator.reasons(requests)
+        answers = annotator.reasons(requests, sessions=[_actre_session(active[i]) for i, _, _ in explores])
         _account(stats, [active[i] for i, _, _ in explores], [c for _, c in answers], time.perf_counter() - t0)
         for (i, action, explored), (reason, _) in zip(explores, answers):
             choices[i] = (reason, action, explored)
     return choices
+
+
+def _actre_session(episode: _Episode) -> str:
+    return f"{episode.episode_id}/actre"
 
 
 def _account(stats: RolloutStats, episodes, completions, seconds: float) -> None:

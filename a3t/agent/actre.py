@@ -70,12 +70,16 @@ class ActReAnnotator:
         self.sampling = sampling or Sampling(temperature=0.0, max_new_tokens=64)
         self.fallbacks = 0  # reasons the model failed to give
 
-    def reasons(self, requests: list[ActReRequest]) -> list[tuple[str, Completion]]:
-        """The reason for each request's action, with the completion it came from."""
+    def reasons(
+        self, requests: list[ActReRequest], sessions: list[str] | None = None
+    ) -> list[tuple[str, Completion]]:
+        """The reason for each request's action, with the completion it came from. Name a
+        session per episode: its next request shares the history, which is then not
+        encoded again."""
         if not requests:
             return []
         chats = [actre_chat(r, self.phrasing) for r in requests]
-        completions = self.llm.complete(chats, self.sampling, stop_after_first_line)
+        completions = self.llm.complete(chats, self.sampling, stop_after_first_line, sessions=sessions)
         out = []
         for request, completion in zip(requests, completions):
             reason = parse_reason(completion.text)

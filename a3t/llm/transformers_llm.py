@@ -3,7 +3,8 @@
 A ReAct episode's prompt grows by one observation per turn, while the system prompt,
 the 1-shot example and the history stay the same. Re-encoding all of it each turn is
 what makes a naive loop slow, so each session (episode) keeps the keys and values of
-the prompt it was last given; the next call encodes only the text added since.
+the prompt it was last given; the next call reuses the longest common token prefix
+(all of it when the chat only grew) and encodes only the rest.
 
 One call runs a batch of rows. Rows have different cached lengths and different new
 text, so the batch is padded on the left of each part and the padding is masked out;
@@ -35,6 +36,25 @@ class _Session:
     @property
     def length(self) -> int:
         return self.keys[0].shape[1]
+
+    def truncated(self, n: int) -> _Session | None:
+        """The session's first n tokens (None if n == 0): what a new prompt shares with it."""
+        if n == len(self.ids):
+            return self
+        if n == 0:
+            return None
+        return _Session(self.ids[:n], [k[:, :n] for k in self.keys], [v[:, :n] for v in self.values])
+
+
+def _common_prefix(a: list[int], b: list[int], limit: int) -> int:
+    """Length of the common prefix of a and b, at most limit (at least one new token must be
+    encoded to get the next-token logits)."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y or n >= limit:
+            break
+        n += 1
+    return n
 
 
 class TransformersLLM:
@@ -90,8 +110,8 @@ class TransformersLLM:
         new_ids: list[list[int]] = []
         for ids, session in zip(prompts, sessions):
             past = self._sessions.get(session) if session else None
-            if past is not None and ids[: len(past.ids)] != past.ids:
-                past = None  # the history changed, not just grew: encode it all again
+            if past is not None:
+                past = past.truncated(_common_prefix(past.ids, ids, limit=len(ids) - 1))
             pasts.append(past)
             new_ids.append(ids[len(past.ids) :] if past else ids)
 
