@@ -160,6 +160,7 @@ def run_ours(games, llm: TransformersLLM, cfg: RolloutConfig, env_cfg: EnvConfig
         "prefill_s": prefill_s,
         "prefill_calls": len(prefill),
         "prefill_padded_tokens": sum(r * n for r, n, _ in prefill),
+        "prefill_rows": sum(r for r, _, _ in prefill),
         "decode_s": decode_s,
         "decode_forwards": len(decode),
         "decode_step_median_s": statistics.median(s for _, _, s in decode) if decode else 0.0,
@@ -375,7 +376,9 @@ def main() -> None:
     fig["ceiling_step_s"] = step_s
     fig["ceiling_step_s_after_ours"], fig["ceiling_step_s_after_naive"] = ceiling
     fig["ceiling_tok_s"] = n / step_s
-    fig["ours_decode_tok_s"] = ours["completion_tokens"] / ours["decode_s"] if ours["decode_s"] else 0.0
+    # The first token of each row comes from the prefill's logits; the rest from decode forwards.
+    decode_tokens = ours["completion_tokens"] - ours["prefill_rows"]
+    fig["ours_decode_tok_s"] = decode_tokens / ours["decode_s"] if ours["decode_s"] else 0.0
     fig["ours_fraction_of_ceiling"] = fig["ours_tok_s"] / fig["ceiling_tok_s"]
     fig["ours_decode_fraction_of_ceiling"] = fig["ours_decode_tok_s"] / fig["ceiling_tok_s"]
     fig["ours_row_slot_use"] = ours["completion_tokens"] / max(ours["row_slots"], 1)
