@@ -13,7 +13,6 @@ from typing import Protocol
 class TerminalReason(str, Enum):
     WON = "won"
     STEP_LIMIT = "step_limit"
-    ENV_DONE = "env_done"  # the environment ended the episode without a win (e.g. WebShop's Buy)
 
 
 @dataclass(frozen=True)
