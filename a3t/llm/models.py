@@ -147,6 +147,23 @@ def _convert_gguf(pkg_dir: Path, gguf_file: str, out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
+def resolve_model_path(name: str | Path, cache_dir: Path | None = None) -> Path:
+    """The HF folder for ``llm.model``: 'default' (SmolLM2, converted once), 'tiny-random' (a
+    tiny random Mistral, built once into the cache), or a local folder."""
+    if str(name) == "default":
+        return default_model_path(cache_dir)
+    if str(name) == "tiny-random":
+        target = _cache_root(cache_dir) / "models" / "tiny-random-mistral"
+        if not _is_model_folder(target):
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=".tiny-random-mistral.", dir=target.parent))
+            build_tiny_mistral(tmp, seed=0)
+            shutil.rmtree(target, ignore_errors=True)
+            os.replace(tmp, target)  # complete or absent, as the SmolLM2 conversion
+        return target
+    return Path(name).expanduser()
+
+
 def build_tiny_mistral(path: Path, seed: int = 0) -> Path:
     """A tiny random MistralForCausalLM (about 4M parameters) with the real Mistral v3
     tokenizer (32768 tokens) and ``TINY_MISTRAL_CHAT_TEMPLATE``, saved as an HF folder.

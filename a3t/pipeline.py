@@ -1,0 +1,307 @@
+"""The steps of a self-improvement round, as plain functions over a workspace.
+
+Round k: (round 0: ActRe-annotated walkthroughs) → the policy plays the train games (first
+attempts) → failed tasks are retried with A3T exploration → the training set is filtered
+from every round so far → (versioned by DVC) → a QLoRA adapter is trained → it is
+evaluated. Each step reads the files the previous one wrote and is safe to rerun: stores
+skip finished episodes, training resumes from its last checkpoint and returns at once when
+its adapter is there, and the round is finished when ``round.json`` is written. The Prefect
+tasks in ``tasks/`` wrap one function each; nothing here imports Prefect or MLflow.
+
+Workspace layout (relative to the workspace root, the directory ``a3t run`` runs in)::
+
+    data/games/                                 games (DVC-tracked)
+    data/trajectories/<campaign>/round_<k>/     the dataset (DVC-tracked): annotated.jsonl,
+                                                rollout-<shard>.jsonl, train_set.jsonl
+    data/runs/<campaign>/round_<k>/             not versioned: train/ (adapter, checkpoints),
+                                                eval/<split>.jsonl, round.json
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+from a3t.config import Config
+from a3t.progress import rollout_bar
+from a3t.trajectory import Trajectory, TrajectoryStore
+
+TRAIN_SET = "train_set.jsonl"
+
+
+@dataclass(frozen=True)
+class Workspace:
+    root: Path
+    campaign: str
+
+    @classmethod
+    def of(cls, cfg: Config, root: str | Path = ".") -> Workspace:
+        return cls(Path(root), cfg.pipeline.campaign)
+
+    def path(self, p: str | Path) -> Path:
+        """A config path: absolute as given, relative to the workspace root otherwise."""
+        return Path(p) if Path(p).is_absolute() else self.root / p
+
+    @property
+    def trajectories(self) -> Path:
+        return self.root / "data" / "trajectories"
+
+    def round_data(self, k: int) -> Path:
+        return self.trajectories / self.campaign / f"round_{k}"
+
+    def round_run(self, k: int) -> Path:
+        return self.root / "data" / "runs" / self.campaign / f"round_{k}"
+
+    def adapter(self, k: int) -> Path:
+        return self.round_run(k) / "train" / "adapter"
+
+    def finished_rounds(self) -> list[int]:
+        """Rounds whose data and results are both there (a rollback removes later rounds' data)."""
+        runs = self.root / "data" / "runs" / self.campaign
+        done = [int(p.parent.name.split("_")[1]) for p in runs.glob("round_*/round.json")]
+        return sorted(k for k in done if self.round_data(k).is_dir())
+
+    def next_round(self) -> int:
+        """The first round not finished: a crashed round is resumed, a finished one never redone."""
+        finished = set(self.finished_rounds())
+        k = 0
+        while k in finished:
+            k += 1
+        return k
+
+    def round_summary(self, k: int) -> dict:
+        return json.loads((self.round_run(k) / "round.json").read_text())
+
+    def finish_round(self, k: int, summary: dict) -> None:
+        _write_atomic(self.round_run(k) / "round.json", json.dumps(summary, indent=2))
+
+
+def remove_rounds_after(ws: Workspace, round_: int) -> list[int]:
+    """Delete the unversioned results (adapters, checkpoints, eval episodes) of the rounds
+    after ``round_``: after a rollback they belong to abandoned rounds, and the next run
+    redoes round ``round_ + 1`` from the restored dataset."""
+    runs = ws.root / "data" / "runs" / ws.campaign
+    later = sorted(int(p.name.split("_")[1]) for p in runs.glob("round_*") if int(p.name.split("_")[1]) > round_)
+    for k in later:
+        shutil.rmtree(ws.round_run(k))
+    return later
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def load_agents(cfg: Config, adapter: str | Path | None = None, need_policy: bool = True):
+    """The policy LLM (with ``adapter``; None when not needed) and the ActRe annotator: the
+    policy's LLM unless ``actre`` names another (as in the paper, the same model)."""
+    from a3t.agent.actre import ActReAnnotator
+    from a3t.llm import load_llm
+    from a3t.llm.base import Sampling
+
+    llm_cfg = cfg.llm.model_copy(update={"adapter": str(adapter)} if adapter else {})
+    policy = load_llm(llm_cfg) if need_policy or cfg.actre is None else None
+    actre_llm = load_llm(cfg.actre) if cfg.actre is not None else policy
+    sampling = Sampling(temperature=0.0, max_new_tokens=cfg.rollout.actre_max_new_tokens)
+    annotator = ActReAnnotator(actre_llm, phrasing=cfg.env.phrasing, sampling=sampling)
+    return (policy if need_policy else None), annotator
+
+
+def spread_over_task_types(games: list[Path], n: int | None) -> list[Path]:
+    """The first n games taking each task type in turn (games are sorted by task folder,
+    whose name starts with the task type), so a small n still covers every type."""
+    by_type: dict[str, list[Path]] = defaultdict(list)
+    for game in games:
+        by_type[game.parent.parent.name.split("-")[0]].append(game)
+    queues = [list(q) for _, q in sorted(by_type.items())]
+    picked = []
+    while queues and (n is None or len(picked) < n):
+        queues = [q for q in queues if q]
+        for q in queues:
+            if n is not None and len(picked) >= n:
+                break
+            picked.append(q.pop(0))
+    return picked
+
+
+def train_games(cfg: Config, ws: Workspace) -> list[Path]:
+    from a3t.envs.alfworld import find_games
+
+    return spread_over_task_types(find_games(ws.path(cfg.games.root), "train"), cfg.pipeline.train_tasks)
+
+
+def eval_games_root(cfg: Config, ws: Workspace) -> Path:
+    """eval.games_root, else the official data when $ALFWORLD_DATA holds it, else games.root.
+    (Importing alfworld sets ALFWORLD_DATA to an empty cache folder: look for the data itself.)"""
+    if cfg.eval.games_root is not None:
+        return ws.path(cfg.eval.games_root)
+    official = os.environ.get("ALFWORLD_DATA")
+    if official and (Path(official) / "json_2.1.1").is_dir():
+        return Path(official)
+    return ws.path(cfg.games.root)
+
+
+def annotate_walkthroughs(cfg: Config, ws: Workspace, round_: int) -> dict:
+    """ActRe writes the thoughts of the planner walkthroughs of the first
+    ``pipeline.annotate_walkthroughs`` train games (spread over task types)."""
+    from a3t.annotate import walkthrough_tasks
+    from a3t.envs.alfworld import find_games
+    from a3t.rollout import rollout
+
+    games = spread_over_task_types(find_games(ws.path(cfg.games.root), "train"), cfg.pipeline.annotate_walkthroughs)
+    tasks = walkthrough_tasks(games, cfg.env.phrasing)
+    store = TrajectoryStore(ws.round_data(round_) / "annotated.jsonl")
+    _, annotator = load_agents(cfg, need_policy=False)
+    once = cfg.rollout.model_copy(update={"retry_max": 0})  # a script is played once
+    with rollout_bar(f"round {round_}: annotate walkthroughs", len(tasks)) as show:
+        stats = rollout(tasks, store, None, annotator, once, cfg.env, round_=round_, on_progress=show)
+    return _stats(stats, store)
+
+
+def play_train_games(cfg: Config, ws: Workspace, round_: int, shard: int = 0, retries: bool = False) -> dict:
+    """The policy (round k's: the base model in round 0, else round k-1's adapter) plays its
+    shard of the train games with A3T exploration: the first attempts, or (``retries``) the
+    retries of the tasks whose first attempt failed. Both write the shard's store."""
+    from a3t.rollout import rollout, task_for
+
+    games = train_games(cfg, ws)[shard :: cfg.pipeline.rollout_shards]
+    tasks = [task_for(g) for g in games]
+    store = TrajectoryStore(ws.round_data(round_) / f"rollout-{shard}.jsonl")
+    policy, annotator = load_agents(cfg, adapter=policy_adapter(ws, round_))
+    rollout_cfg = cfg.rollout if retries else cfg.rollout.model_copy(update={"retry_max": 0})
+    label = f"round {round_}: {'retry failed tasks' if retries else 'play train games'}"
+    if cfg.pipeline.rollout_shards > 1:
+        label += f" (shard {shard})"
+    with rollout_bar(label, len(tasks)) as show:
+        stats = rollout(tasks, store, policy, annotator, rollout_cfg, cfg.env, round_=round_, on_progress=show)
+    return _stats(stats, store)
+
+
+def policy_adapter(ws: Workspace, round_: int) -> Path | None:
+    """Round k plays with round k-1's adapter; round 0 (or a missing adapter) with the base model."""
+    if round_ == 0:
+        return None
+    adapter = ws.adapter(round_ - 1)
+    if not (adapter / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"round {round_} plays with round {round_ - 1}'s adapter, but {adapter} is missing")
+    return adapter
+
+
+def _stats(stats, store: TrajectoryStore) -> dict:
+    return {"episodes": stats.episodes, "successes": stats.successes, "already_stored": stats.skipped,
+            "completion_tokens": stats.completion_tokens, "tokens_per_s": stats.tokens_per_s, "file": str(store.path)}
+
+
+def build_training_set(cfg: Config, ws: Workspace, round_: int) -> dict:
+    """Round k's training set: every trajectory of rounds 0..k of the campaign whose weight
+    under ``train.loss`` is not zero (successes, and failures of tasks that also have a
+    success: their baseline makes them negative examples), written to ``train_set.jsonl``."""
+    from a3t.data import load_trajectories, reward_of, task_baselines, trajectory_weight
+
+    files = [f for k in range(round_ + 1) for f in sorted(ws.round_data(k).glob("*.jsonl")) if f.name != TRAIN_SET]
+    trajectories = load_trajectories(files)
+    baselines = task_baselines(trajectories, cfg.train.loss)
+    kept = [t for t in trajectories
+            if trajectory_weight(reward_of(t, cfg.train.loss), baselines[t.task_id], cfg.train.loss) != 0.0]
+    out = ws.round_data(round_) / TRAIN_SET
+    _write_atomic(out, "".join(t.model_dump_json() + "\n" for t in kept))
+    this_round = [t for t in trajectories if t.round == round_]
+    return {
+        "file": str(out),
+        "collected": _by_source(this_round),
+        "collected_successes": sum(t.success for t in this_round),
+        "train_set": _by_source(kept),
+        "train_set_size": len(kept),
+        "train_set_rounds": sorted({t.round for t in kept}),
+    }
+
+
+def _by_source(trajectories: list[Trajectory]) -> dict[str, int]:
+    counts = {"policy": 0, "explored": 0, "annotated": 0}
+    for t in trajectories:
+        counts[t.source] += 1
+    return counts
+
+
+def train_round(cfg: Config, ws: Workspace, round_: int) -> dict:
+    """Train round k's adapter on its training set (from the base model, or from round k-1's
+    adapter when train.from_base_each_round is false). Returns the training statistics; a
+    finished adapter is not trained again."""
+    from transformers import AutoTokenizer
+
+    from a3t.data import build_examples, load_trajectories
+    from a3t.llm.models import resolve_model_path
+    from a3t.train import train_adapter
+
+    stats_file = ws.adapter(round_) / "train_stats.json"
+    if stats_file.is_file():
+        return json.loads(stats_file.read_text())
+    base = resolve_model_path(cfg.llm.model)
+    tokenizer = AutoTokenizer.from_pretrained(str(base), local_files_only=True)
+    t = cfg.train
+    examples = build_examples(load_trajectories([ws.round_data(round_) / TRAIN_SET]), tokenizer, t.loss,
+                              t.observations_in_loss, cfg.env.phrasing, t.max_length)
+    epochs = t.epochs_first_round if round_ == 0 else t.epochs_later_rounds
+    start = None if t.from_base_each_round or round_ == 0 else policy_adapter(ws, round_)
+    return train_adapter(examples, base, ws.adapter(round_).parent, t, epochs, init_adapter=start,
+                         dtype=cfg.llm.dtype, device=cfg.llm.device)
+
+
+def evaluate_split(cfg: Config, ws: Workspace, round_: int, split: str) -> dict:
+    """Round k's adapter on a split (the games of ``eval_games_root``); episodes kept in the
+    round's ``eval/<split>.jsonl``."""
+    adapter = ws.adapter(round_)
+    return evaluate_policy(cfg, eval_games_root(cfg, ws), split, adapter if adapter.is_dir() else None,
+                           ws.round_run(round_) / "eval" / f"{split}.jsonl", round_)
+
+
+def evaluate_policy(
+    cfg: Config, games_root: Path, split: str, adapter: Path | None, store_path: Path, round_: int = 0
+) -> dict:
+    """The policy (base model + ``adapter``) on a split's games: a greedy first attempt without
+    exploration, then up to eval.attempts-1 sampled retries of each failed task (stopping at
+    its first success). Returns ``success_rates``; a rerun resumes from the store."""
+    from a3t.envs.alfworld import find_games
+    from a3t.rollout import rollout, task_for
+
+    tasks = [task_for(g) for g in find_games(games_root, split)[: cfg.eval.tasks]]
+    store = TrajectoryStore(store_path)
+    policy, annotator = load_agents(cfg, adapter=adapter)
+    plain = {"p_explore": 0.0, "forced_explore_after_invalid": 10**9, "retry_min": 0, "stop_at_first_success": True}
+    first = cfg.rollout.model_copy(update=plain | {"temperature": 0.0, "retry_max": 0})
+    retries = cfg.rollout.model_copy(update=plain | {"temperature": cfg.eval.temperature,
+                                                     "retry_max": cfg.eval.attempts - 1})
+    for label, rollout_cfg in (("first attempts", first), (f"within {cfg.eval.attempts}", retries)):
+        with rollout_bar(f"evaluate {split}, {label}", len(tasks)) as show:
+            rollout(tasks, store, policy, annotator, rollout_cfg, cfg.env, round_=round_, on_progress=show)
+    ids = {t.task_id for t in tasks}
+    return success_rates([t for t in store.read(on_error="skip") if t.task_id in ids], cfg.eval.attempts)
+
+
+def success_rates(trajectories: list[Trajectory], attempts: int) -> dict:
+    """First-attempt success and success within ``attempts`` attempts, overall and per task type."""
+    tasks: dict[str, dict] = {}
+    for t in trajectories:
+        task = tasks.setdefault(t.task_id, {"type": t.task_type, "first": False, "within": False})
+        if t.attempt == 0:
+            task["first"] = t.success
+        if t.attempt < attempts and t.success:
+            task["within"] = True
+
+    def rates(group: list[dict]) -> dict:
+        n = len(group)
+        return {"tasks": n, "success": sum(g["first"] for g in group) / n if n else 0.0,
+                "success_within_k": sum(g["within"] for g in group) / n if n else 0.0}
+
+    by_type: dict[str, list[dict]] = defaultdict(list)
+    for task in tasks.values():
+        by_type[task["type"]].append(task)
+    return {"k": attempts, **rates(list(tasks.values())),
+            "per_type": {kind: rates(group) for kind, group in sorted(by_type.items())}}
+

@@ -1,0 +1,43 @@
+"""Live progress of long steps on the terminal (rich): episodes done, won, tokens/s.
+
+One bar at a time: rich allows a single live display per console, so a step that runs
+while another shows its bar (concurrent rollout shards) reports by a line when it ends.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+console = Console(stderr=True)
+_live = threading.Lock()
+
+
+@contextmanager
+def rollout_bar(label: str, tasks: int) -> Iterator[Callable]:
+    """A callback for ``rollout(on_progress=...)`` that drives a bar of ``tasks`` episodes
+    (retries extend it)."""
+    if not _live.acquire(blocking=False):
+        last = []
+        yield last.append
+        if last:
+            s = last[-1]
+            console.print(f"{label}: {s.episodes} episodes, {s.successes} won, {s.tokens_per_s:.0f} tok/s")
+        return
+    try:
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+        with Progress(*columns, console=console) as progress:
+            bar = progress.add_task(label, total=tasks)
+
+            def show(stats) -> None:
+                done = stats.episodes + stats.skipped
+                progress.update(bar, completed=done, total=max(tasks, done),
+                                description=f"{label}: {stats.successes} won, {stats.tokens_per_s:.0f} tok/s")
+
+            yield show
+    finally:
+        _live.release()

@@ -1,0 +1,101 @@
+"""The round's library steps that need no model: task selection, filtering, success rates,
+round bookkeeping and the evaluation data root."""
+
+import json
+from pathlib import Path
+
+from a3t.config import load_config
+from a3t.pipeline import (
+    TRAIN_SET,
+    Workspace,
+    build_training_set,
+    eval_games_root,
+    remove_rounds_after,
+    spread_over_task_types,
+    success_rates,
+)
+from a3t.trajectory import StepRecord, Trajectory, TrajectoryStore
+
+STEP = StepRecord(thought="I go.", action="go to desk 1", observation="You arrive at desk 1.")
+
+
+def traj(task_id, success, round_=0, attempt=0, source="policy", task_type="pick_and_place_simple"):
+    return Trajectory(
+        episode_id=f"r{round_}/{task_id}#a{attempt}", task_id=task_id, game=f"g/{task_id}", task_type=task_type,
+        task="put a mug in desk", round=round_, attempt=attempt, source=source, initial_observation="You are here.",
+        steps=[STEP], reward=float(success), success=success, terminal_reason="won" if success else "max_steps",
+        model="m",
+    )
+
+
+def test_spread_over_task_types_takes_each_type_in_turn():
+    games = [Path(f"train/{kind}-Obj-None-Desk-{i}/trial/game.tw-pddl") for kind in ("a_type", "b_type", "c_type")
+             for i in range(3)]
+    picked = spread_over_task_types(games, 4)
+    assert [g.parent.parent.name.split("-")[0] for g in picked] == ["a_type", "b_type", "c_type", "a_type"]
+    assert len(spread_over_task_types(games, None)) == 9
+    assert len(spread_over_task_types(games[:2], 5)) == 2
+
+
+def test_success_rates_first_attempt_and_within_k():
+    trajectories = [
+        traj("t1", True), traj("t2", False), traj("t2", True, attempt=1),
+        traj("t3", False, task_type="look_at_obj_in_light"), traj("t3", False, attempt=1, task_type="look_at_obj_in_light"),
+        traj("t4", False), traj("t4", True, attempt=2),  # beyond k=2: does not count
+    ]
+    rates = success_rates(trajectories, attempts=2)
+    assert rates["tasks"] == 4 and rates["k"] == 2
+    assert rates["success"] == 0.25 and rates["success_within_k"] == 0.5
+    assert rates["per_type"]["pick_and_place_simple"] == {"tasks": 3, "success": 1 / 3, "success_within_k": 2 / 3}
+    assert rates["per_type"]["look_at_obj_in_light"]["success_within_k"] == 0.0
+
+
+def test_training_set_keeps_every_round_and_only_nonzero_weights(tmp_path):
+    cfg = load_config(overrides=["train.loss=pg"])
+    ws = Workspace(tmp_path, "camp")
+    r0 = TrajectoryStore(ws.round_data(0) / "rollout-0.jsonl")
+    for t in (traj("won", True, source="annotated"), traj("mixed", False), traj("never", False)):
+        r0.append(t)
+    r1 = TrajectoryStore(ws.round_data(1) / "rollout-0.jsonl")
+    r1.append(traj("mixed", True, round_=1, source="explored"))
+    r1.append(traj("never", False, round_=1))
+
+    first = build_training_set(cfg, ws, 0)
+    assert first["train_set_size"] == 1 and first["train_set"]["annotated"] == 1
+    second = build_training_set(cfg, ws, 1)
+    kept = [json.loads(line)["episode_id"] for line in (ws.round_data(1) / TRAIN_SET).read_text().splitlines()]
+    # "mixed" failed in round 0 and won in round 1: its round-0 failure is now a negative example;
+    # "never" has no success in any round: weight 0 under pg, left out.
+    assert sorted(kept) == ["r0/mixed#a0", "r0/won#a0", "r1/mixed#a0"]
+    assert second["train_set_rounds"] == [0, 1]
+    assert second["collected"] == {"policy": 1, "explored": 1, "annotated": 0}
+    # The training set itself is never read back as collected data.
+    assert build_training_set(cfg, ws, 1)["train_set_size"] == 3
+
+
+def test_rounds_finish_resume_and_roll_back(tmp_path):
+    ws = Workspace(tmp_path, "camp")
+    assert ws.next_round() == 0
+    for k in (0, 1):
+        ws.round_data(k).mkdir(parents=True)
+        ws.finish_round(k, {"round": k})
+    (ws.round_run(2) / "train").mkdir(parents=True)  # round 2 crashed during training
+    assert ws.finished_rounds() == [0, 1] and ws.next_round() == 2
+    assert remove_rounds_after(ws, 0) == [1, 2]
+    assert not ws.round_run(1).exists() and ws.next_round() == 1
+    # Data rolled back by DVC (round folder gone) means the round is not finished either.
+    ws.finish_round(1, {"round": 1})
+    assert ws.next_round() == 2
+    ws.round_data(1).rmdir()
+    assert ws.next_round() == 1
+
+
+def test_eval_root_prefers_official_data_only_when_present(tmp_path, monkeypatch):
+    cfg = load_config()
+    ws = Workspace(tmp_path, "camp")
+    monkeypatch.setenv("ALFWORLD_DATA", str(tmp_path / "alfworld"))
+    assert eval_games_root(cfg, ws) == tmp_path / "data" / "games"  # importing alfworld sets the variable
+    (tmp_path / "alfworld" / "json_2.1.1").mkdir(parents=True)
+    assert eval_games_root(cfg, ws) == tmp_path / "alfworld"
+    cfg = load_config(overrides=[f"eval.games_root={tmp_path / 'mine'}"])
+    assert eval_games_root(cfg, ws) == tmp_path / "mine"
