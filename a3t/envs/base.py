@@ -1,4 +1,4 @@
-"""The environment API every a3t part uses (ALFWorld now, WebShop later).
+"""The environment API every a3t part uses (ALFWorld and WebShop).
 
 Scalar, not batched: one episode per object. Parallelism lives in the rollout engine.
 """
@@ -13,6 +13,7 @@ from typing import Protocol
 class TerminalReason(str, Enum):
     WON = "won"
     STEP_LIMIT = "step_limit"
+    PURCHASED = "purchased"  # WebShop: bought a product that is not a full match (0 <= reward < 1)
 
 
 @dataclass(frozen=True)
