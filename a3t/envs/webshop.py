@@ -41,7 +41,7 @@ import random
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Literal
 
 import bm25s
 import numpy as np
@@ -227,59 +227,103 @@ def parse_action(action: str) -> tuple[str, str] | None:
     return (match.group(1), match.group(2).strip()) if match else None
 
 
-# ---------------------------------------------------------------- the environment
+# ---------------------------------------------------------------- navigation, shared with the server client
 
 
 @dataclass
-class _State:
+class Browse:
+    """Where the browser is: with the catalogue (or the server) this determines the page."""
+
     page: PageName = "search"
     query: str = ""
-    results: list[Product] = field(default_factory=list)
     page_num: int = 1
-    product: Product | None = None
+    asin: str = ""
     options: dict[str, str] = field(default_factory=dict)  # option name -> chosen value
     reward: float = 0.0
 
 
-class WebShopEnv:
-    """One WebShop goal behind the a3t environment API (a3t.envs.base.TextEnv)."""
+def target_of(elements: list[Element], arg: str) -> Element | None:
+    """The clickable element that click[arg] names (case-insensitive, as WebShop), if any."""
+    wanted = arg.lower()
+    return next((e for e in elements if e.kind != "text" and e.text != SEARCH_BUTTON and e.text.lower() == wanted),
+                None)
 
-    def __init__(self, site: WebShopSite, task_id: str, max_steps: int = DEFAULT_MAX_STEPS,
-                 observation_format: ObservationFormat = "sep"):
-        self.site = site
-        self.goal: Goal = site.catalog.goal(task_id)
-        self.goal_product = site.catalog.product(self.goal.asin)
-        self.task_id = task_id
+
+def navigate(at: Browse, target: Element) -> Browse:
+    """The page a click leads to; Buy Now leads to "done" (the caller fills in the reward)."""
+    if target.text == BACK_TO_SEARCH and target.kind == "button":
+        return Browse()
+    to = Browse(at.page, at.query, at.page_num, at.asin, dict(at.options))
+    if target.kind == "product":
+        to.page, to.asin, to.options = "item", target.text, {}
+    elif target.kind == "option":
+        to.options[target.name] = target.text
+    elif target.text == BUY_NOW:
+        to.page = "done"
+    elif target.text == NEXT_PAGE:
+        to.page_num += 1
+    elif target.text == PREV_PAGE:
+        if at.page == "results":
+            to.page_num -= 1
+        elif at.page == "item":
+            to.page, to.asin, to.options = "results", "", {}
+        else:
+            to.page = "item"
+    elif target.text in SUB_PAGES:
+        to.page = target.text
+    return to
+
+
+def search_to(query: str) -> Browse:
+    return Browse(page="results", query=query.lower())
+
+
+def observation(elements: list[Element], at: Browse, fmt: ObservationFormat, clicked: Element | None) -> str:
+    """The text of a page after an action (react: "You have clicked X." after an option)."""
+    if fmt == "sep":
+        return format_sep(elements)
+    if clicked is not None and clicked.kind == "option":
+        return f"You have clicked {clicked.text}."
+    return format_react(elements, at.page, set(at.options.values()))
+
+
+class BrowserEnv:
+    """The a3t environment API over a WebShop site; subclasses say how a page is fetched."""
+
+    instruction: str = ""  # the goal's instruction, known by the end of reset()
+    task_type: str = "webshop"
+
+    def __init__(self, max_steps: int, observation_format: ObservationFormat):
+        if observation_format not in ("sep", "react"):
+            raise ValueError(f"observation_format must be 'sep' or 'react', not {observation_format!r}")
         self.max_steps = max_steps
         self.observation_format = observation_format
-        self.reward_info: RewardInfo | None = None  # the reward's parts, once bought
-        self._state: _State | None = None
+        self._at: Browse | None = None
+        self._elements: list[Element] = []
         self._steps = 0
         self._invalid = 0
         self._reason: TerminalReason | None = None
 
-    @property
-    def instruction(self) -> str:
-        return self.goal.instruction
+    def _load(self, at: Browse) -> list[Element]:
+        """The page's elements; for "done", set at.reward."""
+        raise NotImplementedError
 
     @property
     def page(self) -> PageName | None:
-        return self._state.page if self._state else None
+        return self._at.page if self._at else None
 
     @property
     def has_search_bar(self) -> bool:
-        return self._state is not None and self._state.page == "search"
+        return self._at is not None and self._reason is None and self._at.page == "search"
 
     @property
     def clickables(self) -> list[str]:
-        return clickables(self._elements()) if self._state and self._reason is None else []
+        return clickables(self._elements) if self._at and self._reason is None else []
 
     @property
     def admissible_actions(self) -> list[str]:
         """click[...] for every clickable; on the search page, where any search[...] is valid, one
         search: the instruction without its price clause."""
-        if self._state is None or self._reason is not None:
-            return []
         if self.has_search_bar:
             return [f"search[{instruction_query(self.instruction)}]"]
         return [f"click[{c}]" for c in self.clickables]
@@ -296,91 +340,75 @@ class WebShopEnv:
     def terminal_reason(self) -> TerminalReason | None:
         return self._reason
 
-    def _elements(self) -> list[Element]:
-        s = self._state
-        return page_elements(s.page, self.instruction, product=s.product, results=s.results, page_num=s.page_num,
-                             reward=s.reward)
-
-    def _observation(self) -> str:
-        if self.observation_format == "sep":
-            return format_sep(self._elements())
-        return format_react(self._elements(), self._state.page, set(self._state.options.values()))
-
     def reset(self) -> Reset:
-        self._state = _State()
-        self._steps, self._invalid, self._reason, self.reward_info = 0, 0, None, None
-        return Reset(observation=self._observation(), task=self.instruction, task_type=self.goal_product.category)
+        self._steps, self._invalid, self._reason = 0, 0, None
+        self._at = Browse()
+        self._elements = self._load(self._at)
+        return Reset(observation=observation(self._elements, self._at, self.observation_format, None),
+                     task=self.instruction, task_type=self.task_type)
 
     def step(self, action: str) -> Step:
-        if self._state is None or self._reason is not None:
+        if self._at is None or self._reason is not None:
             raise RuntimeError("step() before reset() or after the episode ended")
         self._steps += 1
-        note = self._apply(parse_action(action))
-        valid = note is not None
-        self._invalid += not valid
-        reward = self._state.reward
-        if self._state.page == "done":
-            self._reason = TerminalReason.WON if reward >= 1.0 else TerminalReason.PURCHASED
+        parsed, to, clicked = parse_action(action), None, None
+        if parsed is not None and parsed[0] == "search":
+            if self.has_search_bar and parsed[1]:
+                to = search_to(parsed[1])
+        elif parsed is not None:
+            clicked = target_of(self._elements, parsed[1])
+            to = navigate(self._at, clicked) if clicked is not None else None
+        if to is not None:
+            self._elements, self._at = self._load(to), to
+        else:
+            self._invalid += 1
+        if self._at.page == "done":
+            self._reason = TerminalReason.WON if self._at.reward >= 1.0 else TerminalReason.PURCHASED
         elif self._steps >= self.max_steps:
             self._reason = TerminalReason.STEP_LIMIT
-        if not valid and self.observation_format == "react":
-            observation = INVALID_ACTION
-        else:
-            observation = note or self._observation()
-        return Step(observation=observation, reward=reward, done=self._reason is not None,
-                    won=self._reason is TerminalReason.WON, valid=valid)
+        if to is None and self.observation_format == "react":
+            text = INVALID_ACTION
+        else:  # WebShop's text env shows an unchanged page again after an invalid action
+            text = observation(self._elements, self._at, self.observation_format, clicked)
+        return Step(observation=text, reward=self._at.reward, done=self._reason is not None,
+                    won=self._reason is TerminalReason.WON, valid=to is not None)
 
-    def _apply(self, parsed: tuple[str, str] | None) -> str | None:
-        """Carry out an action; None if it is invalid here, else "" or the react note to show."""
-        s = self._state
-        if parsed is None:
-            return None
-        kind, arg = parsed
-        if kind == "search":
-            if not self.has_search_bar or not arg:
-                return None
-            s.query, s.results, s.page_num, s.page = arg.lower(), self.site.search(arg.lower()), 1, "results"
-            return ""
-        by_lower = {c.lower(): c for c in self.clickables}
-        if arg.lower() not in by_lower:
-            return None
-        target = by_lower[arg.lower()]
-        if target == BUY_NOW:
-            self.reward_info = webshop_reward(s.product, s.options, self.goal, self.goal_product)
-            s.page, s.reward = "done", self.reward_info.reward
-        elif target == BACK_TO_SEARCH:
-            self._state = _State()
-        elif target == NEXT_PAGE:
-            s.page_num += 1
-        elif target == PREV_PAGE:
-            if s.page == "results":
-                s.page_num -= 1
-            elif s.page == "item":
-                s.page, s.product, s.options = "results", None, {}
-            else:
-                s.page = "item"
-        elif target in SUB_PAGES:
-            s.page = target
-        elif s.page == "results":
-            s.page, s.product, s.options = "item", self.site.catalog.product(target), {}
-        else:  # an option value of the item page
-            name = next(e.name for e in self._elements() if e.kind == "option" and e.text == target)
-            s.options[name] = target
-            return f"You have clicked {target}." if self.observation_format == "react" else ""
-        return ""
+
+class WebShopEnv(BrowserEnv):
+    """One goal of a WebShopSite behind the a3t environment API (a3t.envs.base.TextEnv)."""
+
+    def __init__(self, site: WebShopSite, task_id: str, max_steps: int = DEFAULT_MAX_STEPS,
+                 observation_format: ObservationFormat = "sep"):
+        super().__init__(max_steps, observation_format)
+        self.site = site
+        self.task_id = task_id
+        self.goal: Goal = site.catalog.goal(task_id)
+        self.goal_product = site.catalog.product(self.goal.asin)
+        self.instruction = self.goal.instruction
+        self.task_type = self.goal_product.category
+        self.reward_info: RewardInfo | None = None  # the reward's parts, once bought
+        self._searched: tuple[str, list[Product]] = ("", [])
+
+    def reset(self) -> Reset:
+        self.reward_info = None
+        return super().reset()
+
+    def _results(self, query: str) -> list[Product]:
+        if self._searched[0] != query:  # paging and going back re-read the same search
+            self._searched = (query, self.site.search(query))
+        return self._searched[1]
+
+    def _load(self, at: Browse) -> list[Element]:
+        product = self.site.catalog.product(at.asin) if at.asin else None
+        if at.page == "done":
+            self.reward_info = webshop_reward(product, at.options, self.goal, self.goal_product)
+            at.reward = self.reward_info.reward
+        results = self._results(at.query) if at.page == "results" else ()
+        return page_elements(at.page, self.instruction, product=product, results=results, page_num=at.page_num,
+                             reward=at.reward)
 
 
 # ---------------------------------------------------------------- exploration and the oracle
-
-
-class _Browsable(Protocol):
-    instruction: str
-
-    @property
-    def has_search_bar(self) -> bool: ...
-
-    @property
-    def clickables(self) -> list[str]: ...
 
 
 def instruction_query(instruction: str) -> str:
@@ -388,7 +416,7 @@ def instruction_query(instruction: str) -> str:
     return _PRICE_CLAUSE.sub("", instruction).strip()
 
 
-def explore_action(env: _Browsable, rng: random.Random) -> str:
+def explore_action(env: BrowserEnv, rng: random.Random) -> str:
     """A3T's exploration for WebShop: a random valid action of the current page.
 
     On the search page, a search for a random subset of the instruction's words (in order, at least
