@@ -120,6 +120,10 @@ class WebShopServerEnv(BrowserEnv):
     def close(self) -> None:
         self._client.close()
 
+    @property
+    def current_url(self) -> str | None:
+        return self.url(self._at) if self._at else None
+
     def url(self, at: Browse) -> str:
         s, query, options = self.session, _segment(at.query), _segment(str(at.options))
         if at.page == "search":
