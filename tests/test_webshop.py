@@ -356,7 +356,10 @@ def test_unreadable_catalogue_files_are_named(tmp_path):
     with pytest.raises(CatalogError, match=r"items_ins_v2.json: not JSON \(.* at line 1"):
         load_webshop_catalog(items, attrs)
     attrs.write_text(json.dumps({"B07DKGJR74": {"attributes": "machine wash"}}))
-    with pytest.raises(CatalogError, match=r"asin B07DKGJR74\): field 'attributes' should be a list of strings"):
+    with pytest.raises(CatalogError, match=r"items_ins_v2.json: asin B07DKGJR74: field 'attributes' should be a list of str"):
+        load_webshop_catalog(items, attrs)
+    attrs.write_text(json.dumps({"B07DKGJR74": ["machine wash"]}))
+    with pytest.raises(CatalogError, match=r"items_ins_v2.json: asin B07DKGJR74: should be an object, not list"):
         load_webshop_catalog(items, attrs)
     attrs.write_text("{}")
     with pytest.raises(CatalogError, match=r"no goal for any product"):

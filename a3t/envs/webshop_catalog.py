@@ -449,7 +449,8 @@ def _pricing(path: Path, where: str, pricing: str | None, rng: random.Random) ->
     return rng.uniform(*values), f"${values[0]} to ${values[1]}"
 
 
-def _webshop_product(path: Path, index: int, raw: Any, attrs: dict, rng: random.Random) -> Product | None:
+def _webshop_product(path: Path, index: int, raw: Any, attrs_path: Path, attrs: dict,
+                     rng: random.Random) -> Product | None:
     if not isinstance(raw, dict):
         raise CatalogError(f"{path}: product {index}: should be an object, not {type(raw).__name__}")
     asin = _field(path, f"product {index}", raw, "asin", str)
@@ -470,11 +471,16 @@ def _webshop_product(path: Path, index: int, raw: Any, attrs: dict, rng: random.
         # WebShop lower-cases values and writes '/' as ' | ' (it would break the site's URLs).
         options[name.lower()] = tuple(c["value"].strip().replace("/", " | ").lower() for c in contents)
     attributes = ("DUMMY_ATTR",)  # WebShop's placeholder for a product with no attributes
-    if isinstance(attrs.get(asin), dict) and "attributes" in attrs[asin]:
-        attributes = _str_list(path, where, "attributes", attrs[asin]["attributes"])
+    if asin in attrs:
+        record = attrs[asin]
+        if not isinstance(record, dict):
+            raise CatalogError(f"{attrs_path}: asin {asin}: should be an object, not {type(record).__name__}")
+        if "attributes" in record:
+            attributes = _str_list(attrs_path, f"asin {asin}", "attributes", record["attributes"])
     return Product(
         asin=asin, title=_field(path, where, raw, "name", str),
-        category=_field(path, where, raw, "category", str), query=_field(path, where, raw, "query", str).lower().strip(),
+        category=_field(path, where, raw, "category", str),
+        query=_field(path, where, raw, "query", str).lower().strip(),
         product_category=_field(path, where, raw, "product_category", str), price=price, price_tag=price_tag,
         description=_field(path, where, raw, "full_description", str, "") or "", bullet_points=bullets,
         attributes=attributes, options=options,
@@ -514,12 +520,14 @@ def _synthetic_goals(path: Path, attrs: dict, products: list[Product], rng: rand
         where = f"asin {product.asin}"
         text = _field(path, where, record, "instruction", str)
         attributes = _str_list(path, where, "instruction_attributes", record.get("instruction_attributes"))
+        if not attributes:
+            continue  # WebShop requires attributes of a synthetic goal
         price_upper = price_upper_for(product.price, rng)
         names = sorted(product.options)
         for combination in itertools.product(*(product.options[n] for n in names)):
             chosen = ", and ".join(f"{n}: {v}" for n, v in zip(names, combination))
-            goals.append(Goal("", product.asin, text + (f" with {chosen}" if chosen else "") + price_clause(price_upper),
-                              attributes, tuple(combination), price_upper))
+            instruction = text + (f" with {chosen}" if chosen else "") + price_clause(price_upper)
+            goals.append(Goal("", product.asin, instruction, attributes, tuple(combination), price_upper))
     return goals
 
 
@@ -546,7 +554,7 @@ def load_webshop_catalog(items_path: str | Path, attributes_path: str | Path,
     rng = random.Random(seed)
     products: dict[str, Product] = {}
     for i, raw in enumerate(raw_items):
-        product = _webshop_product(items_path, i, raw, attrs, rng)
+        product = _webshop_product(items_path, i, raw, attributes_path, attrs, rng)
         if product is not None and product.asin not in products:  # WebShop keeps the first of a duplicate
             products[product.asin] = product
     if not products:

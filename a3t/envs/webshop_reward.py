@@ -114,8 +114,8 @@ def type_reward(purchased: Product, goal_product: Product) -> tuple[float, bool,
 def attribute_matches(purchased: Product, goal: Goal) -> int:
     matches = 0
     for wanted in goal.attributes:
-        if any(token_set_ratio(have, wanted) > MATCH_THRESHOLD for have in purchased.attributes) or _in_text(wanted, purchased):
-            matches += 1
+        fuzzy = any(token_set_ratio(have, wanted) > MATCH_THRESHOLD for have in purchased.attributes)
+        matches += fuzzy or _in_text(wanted, purchased)
     return matches
 
 

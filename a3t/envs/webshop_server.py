@@ -152,10 +152,11 @@ class WebShopServerEnv(BrowserEnv):
         if at.page == "done":
             if SCORE_LABEL not in texts[:-1]:
                 raise WebShopServerError(f"{url}: the done page shows no score")
+            score = texts[texts.index(SCORE_LABEL) + 1]
             try:
-                at.reward = float(texts[texts.index(SCORE_LABEL) + 1])
+                at.reward = float(score)
             except ValueError:
-                raise WebShopServerError(f"{url}: the score is not a number ({texts[texts.index(SCORE_LABEL) + 1]!r})") from None
+                raise WebShopServerError(f"{url}: the score is not a number ({score!r})") from None
             return done_elements(at.reward)  # the page's MTurk code and hidden debug texts left out
         if at.page == "search":
             if not has_search_bar or "Instruction:" not in texts[:-1]:
