@@ -268,21 +268,26 @@ def version_dataset(
     files = pointers + sorted({g for p in paths if (root / (g := _sibling_gitignore(p))).exists()})
     new_commit = _commit(root, files, message)
     head = _git(root, "rev-parse", "HEAD")
+    hashes = _hashes(root, head, paths)
     old = _tag_commit(root, tag)
     if old is not None and all(_blob(root, old, p) == _blob(root, head, p) for p in pointers):
         commit, moved_from = old, None
     else:
-        hashes = _hashes(root, "HEAD", paths)
-        redone = f"\n\nRedone; this tag was on {old}." if old not in (None, head) else ""
         body = "\n".join(f"{p}: {h}" for p, h in hashes.items())
-        _git(root, *_identity(root), "tag", "--force", "--annotate", "--message",
-             f"{message}\n\n{body}{redone}", tag, head)
-        commit, moved_from = head, (old if old not in (None, head) else None)
+        redone = f"\n\nRedone; this tag was on {old}." if old else ""
+        _git(root, *_identity(root), "tag", "--force", "--annotate", "--message", f"{message}\n\n{body}{redone}",
+             tag, head)
+        commit, moved_from = head, old
     if remote:
         with _dvc(root) as repo:
-            _dvc_call(f"dvc push -r {REMOTE_NAME}", repo.push,
-                      targets=[os.fspath(root / p) for p in pointers], remote=REMOTE_NAME)
-    return DatasetVersion(tag, commit, _hashes(root, commit, paths), new_commit, moved_from)
+            try:
+                repo.push(targets=[os.fspath(root / p) for p in pointers], remote=REMOTE_NAME)
+            except Exception as e:  # each remote file system raises its own errors (OSError, S3, SSH…)
+                raise WorkspaceError(
+                    f"dvc push -r {REMOTE_NAME} ({remote}) failed: {e!r}; {tag} is committed and tagged "
+                    "locally: call again to retry the push"
+                ) from e
+    return DatasetVersion(tag, commit, hashes, new_commit, moved_from)
 
 
 def rollback(root: Path, tag: str, paths: Sequence[Path | str], force: bool = False) -> DatasetVersion:
@@ -398,12 +403,12 @@ def workspace_lock(root: Path, command: str | None = None) -> Iterator[None]:
         lock.acquire()
     except Timeout:
         raise WorkspaceError(_holder(root)) from None
-    info = {"pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-            "command": command or shlex.join(sys.argv)}
-    staged = root / (LOCK_INFO + ".tmp")
-    staged.write_text(json.dumps(info))
-    staged.replace(root / LOCK_INFO)  # whole, so a refused run never reads half of it
     try:
+        info = {"pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+                "command": command or shlex.join(sys.argv)}
+        staged = root / (LOCK_INFO + ".tmp")
+        staged.write_text(json.dumps(info))
+        staged.replace(root / LOCK_INFO)  # whole, so a refused run never reads half of it
         yield
     finally:
         (root / LOCK_INFO).unlink(missing_ok=True)
@@ -495,11 +500,8 @@ def _md5(pointer_text: str) -> str:
 
 def _relative(root: Path, path: Path | str) -> str:
     """``path`` relative to the workspace root, POSIX style (as git and pointers write it)."""
-    path = Path(path)
-    if not path.is_absolute():
-        return path.as_posix().rstrip("/")
     try:
-        return path.resolve().relative_to(root.resolve()).as_posix()
+        return (root / path).resolve().relative_to(root.resolve()).as_posix()
     except ValueError:
         raise WorkspaceError(f"{path} is outside the workspace {root}") from None
 

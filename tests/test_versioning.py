@@ -230,7 +230,11 @@ def test_git_ignored_pointers_are_refused_with_the_rule(workspace):
 
 def test_a_local_folder_remote_gets_the_data_and_restores_a_lost_cache(workspace, tmp_path):
     remote = tmp_path / "remote"
-    v0 = version_dataset(workspace, DATA, "c", 0, "round 0", remote=str(remote))
+    write(tmp_path, "not-a-folder", "")
+    with pytest.raises(WorkspaceError, match="dvc push -r a3t .* failed.* committed and tagged locally: call again"):
+        version_dataset(workspace, DATA, "c", 0, "round 0", remote=str(tmp_path / "not-a-folder"))
+    v0 = version_dataset(workspace, DATA, "c", 0, "round 0", remote=str(remote))  # the retry
+    assert not v0.new_commit and [v.tag for v in list_versions(workspace, "c")] == [v0.tag]
     objects = lambda store: sorted(p.relative_to(store).as_posix() for p in store.rglob("*") if p.is_file())
     assert objects(remote) == objects(workspace / ".dvc/cache") and len(objects(remote)) == 4  # 2 files, 2 listings
     assert "a3t" in (workspace / ".dvc/config.local").read_text()
