@@ -165,7 +165,8 @@ def check_clean(root: Path, tracked: Sequence[Path | str], allow: Sequence[Path 
     root = Path(root)
     paths = [_relative(root, p) for p in tracked]
     pointers = [_pointer(p) for p in paths]
-    for entry in filter(None, _git(root, "status", "--porcelain", "--untracked-files=all", "--", *pointers).splitlines()):
+    git_status = _git(root, "status", "--porcelain", "--untracked-files=all", "--", *pointers)
+    for entry in filter(None, git_status.splitlines()):
         state, pointer = entry[:2], entry[3:]
         what = "is not committed" if state == "??" else "has uncommitted changes"
         raise WorkspaceError(
@@ -261,7 +262,7 @@ def version_dataset(
     for pointer in pointers:
         _refuse_ignored(root, pointer)
     with _dvc(root) as repo:
-        _dvc_call(f"dvc add {' '.join(paths)}", repo.add, [os.fspath(root / p) for p in paths])
+        repo.add([os.fspath(root / p) for p in paths])
         if remote:
             _set_remote(repo, remote)
     # DVC lists its outputs in the .gitignore beside them, unless git ignores them already.
@@ -315,7 +316,7 @@ def rollback(root: Path, tag: str, paths: Sequence[Path | str], force: bool = Fa
         # The data about to be replaced goes into the cache first, where it may be missing
         # (a cleared cache, a fresh clone); for data as versioned this is a no-op.
         with _dvc(root) as repo:
-            _dvc_call(f"dvc add {' '.join(existing)}", repo.add, [os.fspath(root / p) for p in existing])
+            repo.add([os.fspath(root / p) for p in existing])
     _git(root, "checkout", tag, "--", *pointers)
     expected = _hashes(root, target, paths)
     try:
@@ -434,7 +435,8 @@ def _git(root: Path, *args: str, check: bool = True) -> str | None:
     if result.returncode != 0:
         if not check:
             return None
-        raise WorkspaceError(f"git {shlex.join(args)} failed in {root}: {result.stderr.strip() or result.stdout.strip()}")
+        why = result.stderr.strip() or result.stdout.strip()
+        raise WorkspaceError(f"git {shlex.join(args)} failed in {root}: {why}")
     return result.stdout.rstrip()
 
 
@@ -531,6 +533,8 @@ def _dvc(root: Path):
     try:
         with _quiet_dvc():
             yield repo
+    except DvcException as e:
+        raise WorkspaceError(f"DVC failed in {root}: {e}") from e
     finally:
         repo.close()
 
@@ -546,15 +550,6 @@ def _quiet_dvc():
         yield
     finally:
         logger.setLevel(level)
-
-
-def _dvc_call(what: str, function, *args, **kwargs):
-    from dvc.exceptions import DvcException
-
-    try:
-        return function(*args, **kwargs)
-    except DvcException as e:
-        raise WorkspaceError(f"{what} failed: {e}") from e
 
 
 def _set_remote(repo, url: str) -> None:

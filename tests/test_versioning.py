@@ -5,11 +5,13 @@ refusal of dirty tracked data, the run lock, and a DVC remote in a local folder.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import textwrap
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
@@ -150,7 +152,8 @@ def test_rounds_are_tagged_pointer_commits_and_rollback_restores_round_0(workspa
     assert not (root / "data/trajectories/c/round_1").exists()
     assert (root / "data/trajectories/c/round_0/rollout.jsonl").read_text() == '{"episode": 1}\n'
     assert {p: dataset_hash(root / p) for p in DATA} == v0.hashes
-    assert git(root, "log", "-1", "--format=%s").startswith("a3t: rollback data/games, data/trajectories to a3t/c/round-0")
+    rollback_message = git(root, "log", "-1", "--format=%s")
+    assert rollback_message.startswith("a3t: rollback data/games, data/trajectories to a3t/c/round-0")
     check_clean(root, DATA)
     user_changes_untouched(root)
 
@@ -249,10 +252,29 @@ def test_a_local_folder_remote_gets_the_data_and_restores_a_lost_cache(workspace
     (workspace / ".dvc/config.local").unlink()
     subprocess.run(["rm", "-r", str(workspace / ".dvc/cache")], check=True)
     before = git(workspace, "rev-parse", "HEAD")
-    with pytest.raises(WorkspaceError, match="the data of a3t/c/round-1 .* no DVC remote is set.* Nothing was rolled back"):
+    with pytest.raises(WorkspaceError, match="data of a3t/c/round-1 .* no DVC remote is set.* Nothing was rolled back"):
         rollback(workspace, "a3t/c/round-1", DATA)
     assert git(workspace, "rev-parse", "HEAD") == before and git(workspace, "status", "--porcelain", "--", "data") == ""
     assert {p: dataset_hash(workspace / p) for p in DATA} == v0.hashes
+
+
+def test_dvc_stages_call_the_cli_beside_the_versioned_pointers(workspace):
+    from dvc.repo import Repo
+
+    repo_root = Path(__file__).resolve().parents[1]
+    for name in ("dvc.yaml", "params.yaml"):
+        shutil.copy(repo_root / name, workspace / name)
+    version_dataset(workspace, DATA, "c", 0, "round 0")
+    repo = Repo(str(workspace))
+    try:
+        # Building the graph is where DVC refuses outputs that overlap the pointers' data.
+        stages = {getattr(stage, "name", None) or Path(stage.path).relative_to(workspace).as_posix(): stage
+                  for stage in repo.index.graph.nodes}
+    finally:
+        repo.close()
+    assert stages["games"].cmd == "a3t games generate --profile default"
+    assert stages["round"].cmd == "a3t round --profile default --round 0 pipeline.campaign=default"
+    assert {"data/games.dvc", "data/trajectories.dvc"} <= set(stages)
 
 
 HOLDER = textwrap.dedent(
