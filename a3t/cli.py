@@ -412,8 +412,9 @@ def _report_campaign(cfg: Config, wall_s: float | None) -> None:
 
     ws = Workspace.of(cfg)
     rounds = ws.finished_rounds()
-    table = Table("round", "trajectories (policy/explored/annotated)", "train loss",
-                  *[f"{split} first / within k" for split in cfg.eval.splits], "tag", title=f"campaign {ws.campaign}")
+    table = Table("round", "collected\npol/expl/ann", "train\nloss",
+                  *[f"{split}\n1st / ≤{cfg.eval.attempts}" for split in cfg.eval.splits], "DVC tag",
+                  title=f"campaign {ws.campaign}: success rates")
     for k in rounds:
         s = ws.round_summary(k)
         c = s["data"]["collected"]
@@ -423,8 +424,8 @@ def _report_campaign(cfg: Config, wall_s: float | None) -> None:
     console.print(table)
     if wall_s is not None:
         console.print(f"wall time {wall_s / 60:.1f} min")
-    console.print("MLflow: [bold]a3t ui[/bold] (http://127.0.0.1:5000)   DVC versions: "
-                  f"[bold]git tag -l 'a3t/{ws.campaign}/*'[/bold]   roll back: [bold]a3t rollback TAG[/bold]")
+    console.print("MLflow:   [bold]a3t ui[/bold]  (then http://127.0.0.1:5000, experiment a3t)")
+    console.print(f"DVC:      [bold]git tag -l 'a3t/{ws.campaign}/*'[/bold]   roll back: [bold]a3t rollback TAG[/bold]")
 
 
 if __name__ == "__main__":

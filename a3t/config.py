@@ -228,7 +228,7 @@ PROFILES: dict[str, dict] = {
         "games": {"train": 6, "valid_seen": 2, "valid_unseen": 2},
         "env": {"max_steps": 6},
         "rollout": {"max_new_tokens": 16, "actre_max_new_tokens": 12, "retry_max": 1},
-        "train": {"epochs_first_round": 1, "epochs_later_rounds": 1, "max_length": 1024},
+        "train": {"epochs_first_round": 2, "epochs_later_rounds": 1, "max_length": 1024},
         "eval": {"attempts": 2},
         "pipeline": {"rounds": 2, "train_tasks": 4, "annotate_walkthroughs": 2},
     },

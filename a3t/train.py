@@ -21,7 +21,6 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import Trainer, TrainingArguments
-from transformers.trainer_utils import get_last_checkpoint
 
 from a3t.config import TrainConfig
 from a3t.data import Example
@@ -109,6 +108,23 @@ def average_adapters(folders: list[Path], out: Path) -> Path:
     return out
 
 
+def last_complete_checkpoint(checkpoints: Path) -> str | None:
+    """The last checkpoint that was written whole, to resume from. The Trainer writes a
+    checkpoint's trainer_state.json last, so a process killed while saving leaves a folder
+    without it (or with it cut short): such folders are removed, or resuming would fail."""
+    if not checkpoints.is_dir():
+        return None
+    complete = []
+    for folder in checkpoints.glob("checkpoint-*"):
+        try:
+            json.loads((folder / "trainer_state.json").read_text())
+            complete.append(folder)
+        except (OSError, ValueError):
+            log.warning("removing %s: a checkpoint cut short by a crash", folder)
+            shutil.rmtree(folder)
+    return str(max(complete, key=lambda p: int(p.name.split("-")[1]))) if complete else None
+
+
 def _optimizer(cfg: TrainConfig, device: str) -> str:
     if device == "cpu" and cfg.optimizer.startswith("paged_"):
         log.warning("paged optimizers need CUDA: using adamw_torch on CPU instead of %s", cfg.optimizer)
@@ -166,7 +182,7 @@ def train_adapter(
     )
     trainer = A3TTrainer(model=model, args=args, train_dataset=ExampleDataset(examples),
                          data_collator=Collator(tokenizer.pad_token_id))
-    resume = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
+    resume = last_complete_checkpoint(checkpoints)
     trainer.train(resume_from_checkpoint=resume)
 
     adapter = out_dir / "adapter"

@@ -82,10 +82,9 @@ TAG_CHANGED = "a3t.changed."  # + param key: a value that differs from the logge
 PARENT_TAG = "mlflow.parentRunId"
 NOTE_TAG = "mlflow.note.content"  # the run's description in the UI
 
-_GITIGNORE = (
-    "# The MLflow store is a workspace file: only this file and README.md are committed.\n"
-    "*\n!.gitignore\n!README.md\n"
-)
+# Ignores the whole folder, itself included, so that nothing of the store shows up in a user's
+# `git status` (a3t's own repo commits its README.md and this file, which git then keeps).
+_GITIGNORE = "# The MLflow store (SQLite + artifacts) is a workspace file, never committed.\n*\n"
 _TRUNCATED = "... (truncated; full config in config.json)"
 _CAMPAIGN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 

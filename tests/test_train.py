@@ -331,3 +331,18 @@ def test_train_adapter_is_seeded_by_the_config(tiny_model_dir, fp32, tmp_path):
 def test_train_adapter_refuses_no_examples(tiny_model_dir, tmp_path):
     with pytest.raises(ValueError, match="no training examples"):
         train_adapter([], tiny_model_dir, tmp_path / "x", TrainConfig(), epochs=1)
+
+
+def test_resume_skips_a_checkpoint_cut_short(tmp_path):
+    from a3t.train import last_complete_checkpoint
+
+    checkpoints = tmp_path / "checkpoints"
+    assert last_complete_checkpoint(checkpoints) is None
+    for step, state in ((2, '{"global_step": 2}'), (4, '{"global_step": 4}'), (6, '{"global_st'), (8, None)):
+        folder = checkpoints / f"checkpoint-{step}"
+        folder.mkdir(parents=True)
+        (folder / "adapter_model.safetensors").write_bytes(b"weights")
+        if state is not None:
+            (folder / "trainer_state.json").write_text(state)
+    assert last_complete_checkpoint(checkpoints) == str(checkpoints / "checkpoint-4")
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["checkpoint-2", "checkpoint-4"]

@@ -1,0 +1,131 @@
+"""The self-improvement flow: rounds of rollout → ActRe exploration → filter → DVC version →
+QLoRA training → evaluation → MLflow, from the first unfinished round of the campaign.
+
+A rerun after a crash resumes the unfinished round at its first unfinished step; a
+scheduled run (``a3t serve``) adds ``more_rounds`` rounds after the last finished one.
+One run at a time per workspace (a lock).
+"""
+
+from __future__ import annotations
+
+import time
+
+from prefect import flow
+from prefect.futures import wait
+
+from a3t.config import Config, PipelineConfig, load_config
+from a3t.pipeline import Workspace
+from a3t.versioning import WorkspaceError, workspace_lock
+from tasks import steps
+
+
+@flow(name="a3t-self-improve")
+def self_improve(
+    config_file: str | None = None,
+    profile: str = "default",
+    overrides: list[str] | None = None,
+    workspace: str = ".",
+    more_rounds: int | None = None,
+) -> list[dict]:
+    """Run the campaign up to ``pipeline.rounds`` rounds, or ``more_rounds`` more than are
+    finished. Returns the summaries of the rounds this run finished."""
+    cfg = load_config(config_file, overrides or [], profile)
+    ws = Workspace.of(cfg, workspace)
+    with workspace_lock(ws.root):
+        steps.prepare_workspace(cfg, workspace)
+        steps.generate_games(cfg, workspace)
+        first = ws.next_round()
+        last = cfg.pipeline.rounds if more_rounds is None else first + more_rounds
+        summaries = [run_round(cfg, workspace, k) for k in range(first, last)]
+        if summaries:
+            steps.end_tracking(cfg, workspace, summaries[-1]["tracking"]["campaign_run"])
+        return summaries
+
+
+@flow(name="a3t-round")
+def one_round(
+    config_file: str | None = None,
+    profile: str = "default",
+    overrides: list[str] | None = None,
+    workspace: str = ".",
+    round_: int | None = None,
+) -> dict:
+    """Round ``round_`` of the campaign (default: the next); it needs the rounds before it
+    finished. A finished round is not run again: its summary is returned."""
+    cfg = load_config(config_file, overrides or [], profile)
+    ws = Workspace.of(cfg, workspace)
+    with workspace_lock(ws.root):
+        k = ws.next_round() if round_ is None else round_
+        if k in ws.finished_rounds():
+            return ws.round_summary(k)
+        if k > ws.next_round():
+            raise WorkspaceError(f"round {k} needs round {ws.next_round()} finished first (campaign {ws.campaign})")
+        steps.prepare_workspace(cfg, workspace)
+        steps.generate_games(cfg, workspace)
+        return run_round(cfg, workspace, k)
+
+
+def task_runner(cfg: PipelineConfig):
+    """Prefect's thread pool, or a local Dask / Ray cluster of ``task_workers`` processes
+    (set DASK_SCHEDULER_ADDRESS-style options through the runners' own settings to use a
+    remote cluster)."""
+    if cfg.task_runner == "dask":
+        try:
+            from prefect_dask import DaskTaskRunner
+        except ImportError:
+            raise ImportError("pipeline.task_runner=dask needs prefect-dask: pip install 'a3t[dask]'") from None
+        return DaskTaskRunner(cluster_kwargs={"n_workers": cfg.task_workers, "threads_per_worker": 1,
+                                              "processes": True, "dashboard_address": None})
+    if cfg.task_runner == "ray":
+        try:
+            from prefect_ray import RayTaskRunner
+        except ImportError:
+            raise ImportError("pipeline.task_runner=ray needs prefect-ray: pip install 'a3t[ray]'") from None
+        return RayTaskRunner(init_kwargs={"num_cpus": cfg.task_workers, "include_dashboard": False})
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    return ThreadPoolTaskRunner(max_workers=max(cfg.rollout_shards, 1))
+
+
+def run_round(cfg: Config, workspace: str, k: int) -> dict:
+    """One round, step after step (rollout shards run concurrently on the task runner)."""
+    parent_id, run_id = steps.start_tracking(cfg, workspace, k)
+    try:
+        return _round_steps(cfg, workspace, k, parent_id, run_id)
+    except Exception:
+        steps.end_tracking(cfg, workspace, run_id, "FAILED")  # a rerun finds and reopens it
+        raise
+
+
+def _round_steps(cfg: Config, workspace: str, k: int, parent_id: str, run_id: str) -> dict:
+    started = time.perf_counter()
+    llm_step = {"retries": cfg.pipeline.llm_task_retries, "retry_delay_seconds": 5}
+    if k == 0 and cfg.pipeline.annotate_walkthroughs > 0:
+        steps.annotate_walkthroughs.with_options(**llm_step)(cfg, workspace, k)
+    played = []
+    for step in (steps.rollout_shard, steps.explore_failures):
+        futures = [step.with_options(**llm_step).submit(cfg, workspace, k, shard)
+                   for shard in range(cfg.pipeline.rollout_shards)]
+        wait(futures)
+        played += [f.result() for f in futures]
+    data = steps.filter_trajectories(cfg, workspace, k)
+    version = steps.version_dataset(cfg, workspace, k)
+    train = steps.train(cfg, workspace, k)
+    evals = {split: steps.evaluate.with_options(**llm_step)(cfg, workspace, k, split) for split in cfg.eval.splits}
+    tokens = sum(p["completion_tokens"] for p in played)
+    seconds = sum(p["completion_tokens"] / p["tokens_per_s"] for p in played if p["tokens_per_s"] > 0)
+    summary = {
+        "round": k,
+        "campaign": cfg.pipeline.campaign,
+        "rollout": played,
+        "rollout_tokens_per_s": tokens / seconds if seconds else 0.0,
+        "data": data,
+        "version": version,
+        "train": train,
+        "eval": evals,
+        "wall_s": time.perf_counter() - started,
+        "tracking": {"campaign_run": parent_id, "round_run": run_id},
+    }
+    summary["registered"] = steps.register(cfg, workspace, k, run_id, parent_id, summary)
+    steps.finish_round(cfg, workspace, k, summary)
+    return summary

@@ -1,0 +1,165 @@
+"""Prefect tasks of a self-improvement round: each wraps one library call.
+
+They take the config and the workspace root and return plain data. Every library call
+is safe to rerun (stores skip finished episodes, training resumes, versioning and
+registration are idempotent), so a crashed flow rerun resumes at its first unfinished
+step: the files are the checkpoints, and no Prefect result cache is needed.
+Tasks that call an LLM get ``pipeline.llm_task_retries`` retries from the flow.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from a3t import pipeline, versioning
+from a3t.config import Config
+from a3t.pipeline import Workspace
+from tasks import tracking
+
+# No log_prints: Fast Downward prints its translation log on every game load (it captures
+# stdout to drop it, which Prefect's print capture would bypass).
+step = task(cache_policy=NO_CACHE)
+
+
+def _ws(cfg: Config, root: str) -> Workspace:
+    return Workspace.of(cfg, root)
+
+
+@step(name="prepare workspace")
+def prepare_workspace(cfg: Config, root: str) -> list[str]:
+    """Make the workspace a git + DVC repository, and stop if versioned data was changed by hand."""
+    ws = _ws(cfg, root)
+    versioning.ensure_workspace(ws.root)
+    tracked = versioned_paths(cfg, ws)
+    versioning.check_clean(ws.root, tracked, allow=[ws.round_data(ws.next_round())])
+    return [str(p) for p in tracked]
+
+
+def versioned_paths(cfg: Config, ws: Workspace) -> list[Path]:
+    """The trajectories, and the games when they live in the workspace (not $ALFWORLD_DATA)."""
+    games = ws.path(cfg.games.root)
+    inside = games.resolve().is_relative_to(ws.root.resolve())
+    return [games, ws.trajectories] if inside else [ws.trajectories]
+
+
+@step(name="generate games")
+def generate_games(cfg: Config, root: str) -> dict[str, int]:
+    from a3t.envs.alfworld_gen import game_jobs, generate_games as generate
+
+    g = cfg.games
+    jobs = game_jobs(_ws(cfg, root).path(g.root), g.counts(), g.seed, g.size, g.plan_timeout_s)
+    new = sum(written for _, _, written in generate(jobs, g.workers))
+    return {"games": len(jobs), "new": new}
+
+
+@step(name="annotate walkthroughs")
+def annotate_walkthroughs(cfg: Config, root: str, round_: int) -> dict:
+    return pipeline.annotate_walkthroughs(cfg, _ws(cfg, root), round_)
+
+
+@step(name="rollout")
+def rollout_shard(cfg: Config, root: str, round_: int, shard: int) -> dict:
+    return pipeline.play_train_games(cfg, _ws(cfg, root), round_, shard)
+
+
+@step(name="explore failures")
+def explore_failures(cfg: Config, root: str, round_: int, shard: int) -> dict:
+    return pipeline.play_train_games(cfg, _ws(cfg, root), round_, shard, retries=True)
+
+
+@step(name="filter")
+def filter_trajectories(cfg: Config, root: str, round_: int) -> dict:
+    return pipeline.build_training_set(cfg, _ws(cfg, root), round_)
+
+
+@step(name="version dataset")
+def version_dataset(cfg: Config, root: str, round_: int) -> dict:
+    ws = _ws(cfg, root)
+    version = versioning.version_dataset(
+        ws.root, versioned_paths(cfg, ws), ws.campaign, round_,
+        message=f"a3t: dataset of campaign {ws.campaign}, round {round_}", remote=cfg.pipeline.dvc_remote,
+    )
+    return {"tag": version.tag, "commit": version.commit, "hashes": {str(k): v for k, v in version.hashes.items()}}
+
+
+@step(name="restore dataset")
+def restore_dataset(cfg: Config, root: str, tag: str, force: bool = False) -> dict:
+    ws = _ws(cfg, root)
+    version = versioning.rollback(ws.root, tag, versioned_paths(cfg, ws), force=force)
+    return {"tag": version.tag, "commit": version.commit, "hashes": {str(k): v for k, v in version.hashes.items()}}
+
+
+@step(name="abandon later rounds")
+def abandon_later_rounds(cfg: Config, root: str, round_: int) -> list[int]:
+    """Remove the unversioned results of rounds after ``round_`` and mark their MLflow runs."""
+    ws = _ws(cfg, root)
+    removed = pipeline.remove_rounds_after(ws, round_)
+    tracking.abandon_rounds_after(ws.root, ws.campaign, round_)
+    return removed
+
+
+@step(name="train")
+def train(cfg: Config, root: str, round_: int) -> dict:
+    return pipeline.train_round(cfg, _ws(cfg, root), round_)
+
+
+@step(name="evaluate")
+def evaluate(cfg: Config, root: str, round_: int, split: str) -> dict:
+    return pipeline.evaluate_split(cfg, _ws(cfg, root), round_, split)
+
+
+@step(name="evaluate policy")
+def evaluate_policy(cfg: Config, games_root: str, split: str, adapter: str | None, store: str) -> dict:
+    return pipeline.evaluate_policy(cfg, Path(games_root), split, Path(adapter) if adapter else None, Path(store))
+
+
+@step(name="start tracking")
+def start_tracking(cfg: Config, root: str, round_: int) -> tuple[str, str]:
+    """The campaign's MLflow run and round k's nested run (found again on a rerun)."""
+    ws = _ws(cfg, root)
+    config = cfg.model_dump(mode="json")
+    parent = tracking.campaign_run(ws.root, ws.campaign, config)
+    return parent, tracking.round_run(ws.root, ws.campaign, round_, parent, config)
+
+
+@step(name="register")
+def register(cfg: Config, root: str, round_: int, run_id: str, parent_id: str, summary: dict) -> dict:
+    """Round k's metrics, artifacts and adapter version in MLflow; champion moves on improvement."""
+    ws = _ws(cfg, root)
+    tracking.log_round_metrics(ws.root, run_id, parent_id, round_, round_metrics(summary))
+    files = sorted(ws.round_data(round_).glob("*.jsonl"))
+    tracking.log_round_artifacts(ws.root, run_id, ws.adapter(round_), files, cfg.pipeline.trajectory_sample)
+    tracking.log_success_plot(ws.root, ws.campaign, run_id, parent_id)
+    score = summary["eval"].get("valid_unseen", {}).get("success", 0.0)
+    version, champion = tracking.register_adapter(ws.root, ws.campaign, run_id, round_, score)
+    tracking.finish_run(ws.root, run_id)
+    return {"model_version": version, "champion": champion}
+
+
+def round_metrics(summary: dict) -> dict[str, float]:
+    """The flat metrics of a round summary (logged with step=round)."""
+    metrics = {f"trajectories/{source}": n for source, n in summary["data"]["collected"].items()}
+    metrics |= {f"train_set/{source}": n for source, n in summary["data"]["train_set"].items()}
+    metrics["train/loss"] = summary["train"]["loss_per_epoch"][-1]
+    metrics["rollout/tokens_per_s"] = summary["rollout_tokens_per_s"]
+    metrics["round/wall_s"] = summary["wall_s"]
+    for split, rates in summary["eval"].items():
+        metrics[f"{split}/success"] = rates["success"]
+        metrics[f"{split}/success_within_{rates['k']}"] = rates["success_within_k"]
+        for kind, r in rates["per_type"].items():
+            metrics[f"{split}/success/{kind}"] = r["success"]
+            metrics[f"{split}/success_within_{rates['k']}/{kind}"] = r["success_within_k"]
+    return metrics
+
+
+@step(name="end tracking")
+def end_tracking(cfg: Config, root: str, run_id: str, status: str = "FINISHED") -> None:
+    tracking.finish_run(_ws(cfg, root).root, run_id, status)
+
+
+@step(name="finish round")
+def finish_round(cfg: Config, root: str, round_: int, summary: dict) -> None:
+    _ws(cfg, root).finish_round(round_, summary)

@@ -1,0 +1,167 @@
+"""End to end: `a3t run --profile smoke` (tiny random model, real games, Prefect, DVC, MLflow)
+in a fresh git workspace, killed mid-rollout and mid-training and rerun, a second run refused
+while one holds the workspace, then a rollback and the next round redone from it.
+
+Every phase is the real CLI in a subprocess; a phase is killed with SIGKILL (no cleanup
+runs), so what survives is what a crash leaves. The tests run in file order and share the
+workspace: each one checks the state the previous ones left.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+CAMPAIGN = "default"
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    home = tmp_path_factory.mktemp("prefect-home")
+    return dict(os.environ, PREFECT_HOME=str(home), HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1",
+                MLFLOW_TRACKING_URI="", COLUMNS="200")
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory):
+    root = tmp_path_factory.mktemp("workspace")
+    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
+    (root / "notes.txt").write_text("a user's own file, never committed or touched\n")
+    return root
+
+
+def a3t(ws: Path, env: dict, *args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "a3t.cli", *args], cwd=ws, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def finish(proc: subprocess.Popen, timeout: float = 600) -> str:
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, out[-4000:]
+    return out
+
+
+def kill_when(proc: subprocess.Popen, ready, timeout: float = 300) -> None:
+    """SIGKILL the run's whole process group as soon as ``ready()`` holds."""
+    deadline = time.monotonic() + timeout
+    while not ready():
+        assert proc.poll() is None, f"the run ended before the kill point:\n{proc.communicate()[0][-4000:]}"
+        assert time.monotonic() < deadline, "kill point not reached"
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def lines(path: Path) -> int:
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def round_data(ws: Path, k: int) -> Path:
+    return ws / "data" / "trajectories" / CAMPAIGN / f"round_{k}"
+
+
+def round_run(ws: Path, k: int) -> Path:
+    return ws / "data" / "runs" / CAMPAIGN / f"round_{k}"
+
+
+def episode_ids(ws: Path) -> list[str]:
+    """file:episode id of every stored episode (ids are unique per store: an annotated
+    walkthrough and the policy's first attempt at the same game share one)."""
+    ids = []
+    for f in sorted((ws / "data" / "trajectories").rglob("*.jsonl")):
+        if f.name != "train_set.jsonl":
+            ids += [f"{f.relative_to(ws)}:{json.loads(line)['episode_id']}" for line in f.read_text().splitlines()]
+    return ids
+
+
+def test_killed_mid_rollout_and_mid_training_then_resumed(ws, env):
+    # 1. Killed while round 0's policy rollout is writing episodes.
+    run = a3t(ws, env, "run", "--profile", "smoke")
+    kill_when(run, lambda: lines(round_data(ws, 0) / "rollout-0.jsonl") >= 1)
+    before = episode_ids(ws)
+    assert before
+
+    # 2. Rerun, killed mid-training (epoch 1 of 2 checkpointed, the adapter not yet written); meanwhile
+    #    a second run in the same workspace is refused at once.
+    run = a3t(ws, env, "run", "--profile", "smoke")
+    time.sleep(3)
+    second = subprocess.run([sys.executable, "-m", "a3t.cli", "run", "--profile", "smoke"], cwd=ws, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert second.returncode != 0
+    assert "another a3t run" in second.stdout + second.stderr
+    train = round_run(ws, 0) / "train"
+    kill_when(run, lambda: any((train / "checkpoints").glob("checkpoint-*/trainer_state.json")))
+    assert not (train / "adapter" / "train_stats.json").exists(), "killed after training, not during"
+    assert set(before) <= set(episode_ids(ws))  # nothing lost
+
+    # 3. Rerun to the end.
+    out = finish(a3t(ws, env, "run", "--profile", "smoke"))
+    assert "a3t ui" in out and f"a3t/{CAMPAIGN}/round-1" in out
+    ids = episode_ids(ws)
+    assert len(ids) == len(set(ids)), "an episode was stored twice"
+    assert set(before) <= set(ids)
+    stats = json.loads((train / "adapter" / "train_stats.json").read_text())
+    assert stats["resumed_from"], "training did not resume from its checkpoint"
+
+
+def test_each_round_is_tagged_and_committed_alone(ws):
+    tags = subprocess.run(["git", "tag", "-l", f"a3t/{CAMPAIGN}/*"], cwd=ws, capture_output=True, text=True).stdout
+    assert tags.split() == [f"a3t/{CAMPAIGN}/round-0", f"a3t/{CAMPAIGN}/round-1"]
+    status = subprocess.run(["git", "status", "--porcelain"], cwd=ws, capture_output=True, text=True).stdout
+    assert "?? notes.txt" in status  # the user's file: untracked, untouched
+    committed = subprocess.run(["git", "log", "--name-only", "--format="], cwd=ws, capture_output=True, text=True).stdout
+    assert "notes.txt" not in committed and "data/trajectories.dvc" in committed
+
+
+def test_second_round_trained_on_both_rounds(ws):
+    kept = [json.loads(line) for line in (round_data(ws, 1) / "train_set.jsonl").read_text().splitlines()]
+    assert {t["round"] for t in kept} == {0, 1}
+    stats = json.loads((round_run(ws, 1) / "train" / "adapter" / "train_stats.json").read_text())
+    assert stats["examples"] == len(kept)
+
+
+def _mlflow(ws):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(f"sqlite:///{ws / 'mlflow' / 'mlflow.db'}")
+
+
+def test_mlflow_has_one_run_per_round_with_metrics_per_step(ws):
+    client = _mlflow(ws)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    rounds = [r for r in runs if "a3t.round" in r.data.tags]
+    assert sorted(int(r.data.tags["a3t.round"]) for r in rounds) == [0, 1]  # resumed, not duplicated
+    parent = next(r for r in runs if "a3t.round" not in r.data.tags)
+    assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in rounds)
+    for key in ("valid_unseen/success", "valid_seen/success", "trajectories/annotated", "train/loss"):
+        history = client.get_metric_history(parent.info.run_id, key)
+        assert sorted(m.step for m in history) == [0, 1], key
+    assert parent.data.params["pipeline.campaign"] == CAMPAIGN
+    artifacts = {a.path for a in client.list_artifacts(rounds[0].info.run_id)}
+    assert {"adapter", "trajectories"} <= artifacts
+    versions = client.search_model_versions(f"name='a3t-{CAMPAIGN}'")
+    assert len(versions) == 2
+
+
+def test_rollback_then_the_next_round_is_redone(ws, env):
+    from a3t.versioning import dataset_hash
+
+    finish(a3t(ws, env, "rollback", f"a3t/{CAMPAIGN}/round-0", "--profile", "smoke"))
+    assert not round_data(ws, 1).exists() and not round_run(ws, 1).exists()
+    tagged = subprocess.run(["git", "show", f"a3t/{CAMPAIGN}/round-0:data/trajectories.dvc"], cwd=ws,
+                            capture_output=True, text=True, check=True).stdout
+    assert dataset_hash(ws / "data" / "trajectories") in tagged
+
+    finish(a3t(ws, env, "run", "--profile", "smoke"))
+    assert (round_run(ws, 1) / "round.json").exists()
+    client = _mlflow(ws)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    round1 = [r for r in runs if r.data.tags.get("a3t.round") == "1"]
+    assert len(round1) == 2 and sum(r.data.tags.get("a3t.rolled_back") == "true" for r in round1) == 1
