@@ -370,16 +370,21 @@ def serve_command(
     profile: ProfileOption = "default",
     cron: Annotated[str, typer.Option(help="Cron schedule, e.g. '0 3 * * *' (every day at 03:00).")] = "0 3 * * *",
     rounds_per_run: Annotated[int, typer.Option(help="Rounds each scheduled run adds.")] = 1,
+    port: Annotated[int, typer.Option(help="Port of the local Prefect server (when PREFECT_API_URL is not set).")] = 4200,
 ) -> None:
     """Serve the self-improvement flow as a scheduled Prefect deployment: each run continues the
-    campaign with more rounds. Set PREFECT_API_URL to register it with your Prefect server."""
+    campaign with more rounds. Uses the server at PREFECT_API_URL, else starts a local one."""
     cfg = _config(config, overrides or [], profile)
     _prefect_env()
-    from flows.self_improve import self_improve
+    from flows.serve import prefect_server
 
     params = {"config_file": _str(config and config.resolve()), "profile": profile, "overrides": overrides or [],
               "workspace": str(Path.cwd()), "more_rounds": rounds_per_run}
-    _with_task_runner(self_improve, cfg).serve(name=f"a3t-{cfg.pipeline.campaign}", cron=cron, parameters=params)
+    with prefect_server(port) as url:
+        console.print(f"Prefect server: {url.removesuffix('/api')} (schedules and runs in its UI)")
+        from flows.self_improve import self_improve  # after PREFECT_API_URL is set
+
+        _with_task_runner(self_improve, cfg).serve(name=f"a3t-{cfg.pipeline.campaign}", cron=cron, parameters=params)
 
 
 @app.command("ui")
@@ -418,7 +423,8 @@ def _report_campaign(cfg: Config, wall_s: float | None) -> None:
     for k in rounds:
         s = ws.round_summary(k)
         c = s["data"]["collected"]
-        table.add_row(str(k), f"{c['policy']}/{c['explored']}/{c['annotated']}", f"{s['train']['loss_per_epoch'][-1]:.3f}",
+        losses = s["train"]["loss_per_epoch"]
+        table.add_row(str(k), f"{c['policy']}/{c['explored']}/{c['annotated']}", f"{losses[-1]:.3f}" if losses else "-",
                       *[f"{s['eval'][sp]['success']:.0%} / {s['eval'][sp]['success_within_k']:.0%}" if sp in s["eval"]
                         else "-" for sp in cfg.eval.splits], s["version"]["tag"])
     console.print(table)

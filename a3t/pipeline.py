@@ -173,7 +173,7 @@ def play_train_games(cfg: Config, ws: Workspace, round_: int, shard: int = 0, re
     games = train_games(cfg, ws)[shard :: cfg.pipeline.rollout_shards]
     tasks = [task_for(g) for g in games]
     store = TrajectoryStore(ws.round_data(round_) / f"rollout-{shard}.jsonl")
-    policy, annotator = load_agents(cfg, adapter=policy_adapter(ws, round_))
+    policy, annotator = load_agents(cfg, adapter=policy_adapter(ws, round_ - 1))
     rollout_cfg = cfg.rollout if retries else cfg.rollout.model_copy(update={"retry_max": 0})
     label = f"round {round_}: {'retry failed tasks' if retries else 'play train games'}"
     if cfg.pipeline.rollout_shards > 1:
@@ -184,13 +184,13 @@ def play_train_games(cfg: Config, ws: Workspace, round_: int, shard: int = 0, re
 
 
 def policy_adapter(ws: Workspace, round_: int) -> Path | None:
-    """Round k plays with round k-1's adapter; round 0 (or a missing adapter) with the base model."""
-    if round_ == 0:
-        return None
-    adapter = ws.adapter(round_ - 1)
-    if not (adapter / "adapter_config.json").is_file():
-        raise FileNotFoundError(f"round {round_} plays with round {round_ - 1}'s adapter, but {adapter} is missing")
-    return adapter
+    """The policy after round k: the adapter of the latest round <= k that trained one (a round
+    whose data had no success trains none), or None for the base model. Round k plays with
+    ``policy_adapter(ws, k - 1)``."""
+    for k in range(round_, -1, -1):
+        if (ws.adapter(k) / "adapter_config.json").is_file():
+            return ws.adapter(k)
+    return None
 
 
 def _stats(stats, store: TrajectoryStore) -> dict:
@@ -247,17 +247,19 @@ def train_round(cfg: Config, ws: Workspace, round_: int) -> dict:
     t = cfg.train
     examples = build_examples(load_trajectories([ws.round_data(round_) / TRAIN_SET]), tokenizer, t.loss,
                               t.observations_in_loss, cfg.env.phrasing, t.max_length)
+    if not examples:
+        # Nothing succeeded yet: the round keeps the policy it played with (policy_adapter).
+        return {"examples": 0, "loss_per_epoch": [], "skipped": "no trajectory with a non-zero weight to train on"}
     epochs = t.epochs_first_round if round_ == 0 else t.epochs_later_rounds
-    start = None if t.from_base_each_round or round_ == 0 else policy_adapter(ws, round_)
+    start = None if t.from_base_each_round else policy_adapter(ws, round_ - 1)
     return train_adapter(examples, base, ws.adapter(round_).parent, t, epochs, init_adapter=start,
                          dtype=cfg.llm.dtype, device=cfg.llm.device)
 
 
 def evaluate_split(cfg: Config, ws: Workspace, round_: int, split: str) -> dict:
-    """Round k's adapter on a split (the games of ``eval_games_root``); episodes kept in the
-    round's ``eval/<split>.jsonl``."""
-    adapter = ws.adapter(round_)
-    return evaluate_policy(cfg, eval_games_root(cfg, ws), split, adapter if adapter.is_dir() else None,
+    """The policy after round k on a split (the games of ``eval_games_root``); episodes kept in
+    the round's ``eval/<split>.jsonl``."""
+    return evaluate_policy(cfg, eval_games_root(cfg, ws), split, policy_adapter(ws, round_),
                            ws.round_run(round_) / "eval" / f"{split}.jsonl", round_)
 
 

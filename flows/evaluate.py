@@ -27,7 +27,8 @@ def evaluate(
     cfg = load_config(config_file, overrides or [], profile)
     ws = Workspace.of(cfg, workspace)
     if round_ is not None:
-        adapter, out = str(ws.adapter(round_)), ws.round_run(round_) / "eval"
+        trained = pipeline.policy_adapter(ws, round_)
+        adapter, out = (str(trained) if trained else None), ws.round_run(round_) / "eval"
     else:
         out = ws.root / "data" / "runs" / "eval" / (Path(adapter).resolve().parent.name if adapter else "base")
     llm_task = steps.evaluate_policy.with_options(retries=cfg.pipeline.llm_task_retries, retry_delay_seconds=5)

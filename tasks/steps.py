@@ -131,10 +131,14 @@ def register(cfg: Config, root: str, round_: int, run_id: str, parent_id: str, s
     ws = _ws(cfg, root)
     tracking.log_round_metrics(ws.root, run_id, parent_id, round_, round_metrics(summary))
     files = sorted(ws.round_data(round_).glob("*.jsonl"))
-    tracking.log_round_artifacts(ws.root, run_id, ws.adapter(round_), files, cfg.pipeline.trajectory_sample)
+    trained = ws.adapter(round_).is_dir()  # a round with nothing to learn from trains no adapter
+    tracking.log_round_artifacts(ws.root, run_id, ws.adapter(round_) if trained else None, files,
+                                 cfg.pipeline.trajectory_sample)
     tracking.log_success_plot(ws.root, ws.campaign, run_id, parent_id)
-    score = summary["eval"].get("valid_unseen", {}).get("success", 0.0)
-    version, champion = tracking.register_adapter(ws.root, ws.campaign, run_id, round_, score)
+    version, champion = None, False
+    if trained:
+        score = summary["eval"].get("valid_unseen", {}).get("success", 0.0)
+        version, champion = tracking.register_adapter(ws.root, ws.campaign, run_id, round_, score)
     tracking.finish_run(ws.root, run_id)
     return {"model_version": version, "champion": champion}
 
@@ -143,7 +147,8 @@ def round_metrics(summary: dict) -> dict[str, float]:
     """The flat metrics of a round summary (logged with step=round)."""
     metrics = {f"trajectories/{source}": n for source, n in summary["data"]["collected"].items()}
     metrics |= {f"train_set/{source}": n for source, n in summary["data"]["train_set"].items()}
-    metrics["train/loss"] = summary["train"]["loss_per_epoch"][-1]
+    if summary["train"]["loss_per_epoch"]:
+        metrics["train/loss"] = summary["train"]["loss_per_epoch"][-1]
     metrics["rollout/tokens_per_s"] = summary["rollout_tokens_per_s"]
     metrics["round/wall_s"] = summary["wall_s"]
     for split, rates in summary["eval"].items():

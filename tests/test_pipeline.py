@@ -99,3 +99,14 @@ def test_eval_root_prefers_official_data_only_when_present(tmp_path, monkeypatch
     assert eval_games_root(cfg, ws) == tmp_path / "alfworld"
     cfg = load_config(overrides=[f"eval.games_root={tmp_path / 'mine'}"])
     assert eval_games_root(cfg, ws) == tmp_path / "mine"
+
+
+def test_a_round_that_trained_nothing_keeps_the_previous_policy(tmp_path):
+    from a3t.pipeline import policy_adapter
+
+    ws = Workspace(tmp_path, "camp")
+    assert policy_adapter(ws, -1) is None and policy_adapter(ws, 2) is None  # the base model
+    ws.adapter(0).mkdir(parents=True)
+    (ws.adapter(0) / "adapter_config.json").write_text("{}")
+    assert policy_adapter(ws, 0) == ws.adapter(0)
+    assert policy_adapter(ws, 2) == ws.adapter(0)  # rounds 1 and 2 had no success to train on

@@ -1,0 +1,77 @@
+"""The Prefect side of the pipeline beyond `a3t run`: rollout shards on a local 2-worker Dask
+cluster, and `a3t serve` registering a scheduled deployment with a Prefect server."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+
+@pytest.fixture
+def env(tmp_path):
+    return dict(os.environ, PREFECT_HOME=str(tmp_path / "prefect-home"), HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1",
+                MLFLOW_TRACKING_URI="", PREFECT_API_URL="")
+
+
+@pytest.fixture
+def ws(tmp_path):
+    root = tmp_path / "workspace"
+    root.mkdir()
+    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
+    return root
+
+
+def test_one_round_with_rollout_shards_on_a_local_dask_cluster(ws, env):
+    pytest.importorskip("prefect_dask")
+    args = ["round", "--profile", "smoke", "--round", "0", "pipeline.task_runner=dask", "pipeline.rollout_shards=2",
+            "pipeline.task_workers=2", "pipeline.annotate_walkthroughs=0", "eval.splits=[valid_unseen]"]
+    done = subprocess.run([sys.executable, "-m", "a3t.cli", *args], cwd=ws, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    assert "DaskTaskRunner" in done.stdout + done.stderr or "dask" in (done.stdout + done.stderr).lower()
+    data = ws / "data" / "trajectories" / "default" / "round_0"
+    shards = [data / "rollout-0.jsonl", data / "rollout-1.jsonl"]
+    played = [json.loads(line)["task_id"] for f in shards for line in f.read_text().splitlines()]
+    assert all(f.stat().st_size for f in shards)  # both shards played
+    first = [line for f in shards for line in f.read_text().splitlines() if json.loads(line)["attempt"] == 0]
+    assert len(first) == 4 == len(set(played))  # smoke: 4 train games, split over the 2 shards, none twice
+    assert (ws / "data" / "runs" / "default" / "round_0" / "round.json").is_file()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_serve_registers_a_cron_deployment_that_adds_rounds(ws, env):
+    port = _free_port()
+    serve = subprocess.Popen([sys.executable, "-m", "a3t.cli", "serve", "--profile", "smoke", "--cron", "0 3 * * *",
+                              "--port", str(port)], cwd=ws, env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        deployments = []
+        while not deployments:
+            assert serve.poll() is None, serve.stdout.read()[-4000:]
+            assert time.monotonic() < deadline, "no deployment registered"
+            time.sleep(1)
+            try:
+                deployments = httpx.post(f"http://127.0.0.1:{port}/api/deployments/filter", json={}, timeout=5).json()
+            except httpx.HTTPError:
+                continue
+        (deployment,) = deployments
+        assert deployment["name"] == "a3t-default"
+        assert deployment["parameters"]["more_rounds"] == 1
+        assert deployment["parameters"]["workspace"] == str(ws)
+        assert [s["schedule"]["cron"] for s in deployment["schedules"]] == ["0 3 * * *"]
+    finally:
+        serve.terminate()
+        serve.wait(timeout=60)
