@@ -17,7 +17,6 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from a3t.config import Config, ConfigError, load_config
@@ -48,17 +47,16 @@ def games_generate(
 ) -> None:
     """Generate solvable games of all 6 task types into games.root (official ALFWorld layout)."""
     from a3t.envs.alfworld_gen import game_jobs, generate_games
+    from a3t.progress import step_bar
 
     cfg = _config(config, overrides or [], profile)
     g = cfg.games
     jobs = game_jobs(g.root, g.counts(), g.seed, g.size, g.plan_timeout_s)
     new = {split: 0 for split in g.counts()}
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=console) as progress:
-        bar = progress.add_task(f"generating {g.size} games (seed {g.seed}) into {g.root}", total=len(jobs))
+    with step_bar(f"generating {g.size} games (seed {g.seed}) into {g.root}", len(jobs)) as advance:
         for job, _, written in generate_games(jobs, g.workers):
             new[job.split] += written
-            progress.advance(bar)
+            advance()
     table = Table("split", "games", "new", "already there")
     for split, n in g.counts().items():
         table.add_row(split, str(n), str(new[split]), str(n - new[split]))

@@ -48,10 +48,15 @@ def versioned_paths(cfg: Config, ws: Workspace) -> list[Path]:
 @step(name="generate games")
 def generate_games(cfg: Config, root: str) -> dict[str, int]:
     from a3t.envs.alfworld_gen import game_jobs, generate_games as generate
+    from a3t.progress import step_bar
 
     g = cfg.games
     jobs = game_jobs(_ws(cfg, root).path(g.root), g.counts(), g.seed, g.size, g.plan_timeout_s)
-    new = sum(written for _, _, written in generate(jobs, g.workers))
+    new = 0
+    with step_bar(f"games ({g.size}, seed {g.seed})", len(jobs)) as advance:
+        for _, _, written in generate(jobs, g.workers):
+            new += written
+            advance()
     return {"games": len(jobs), "new": new}
 
 
