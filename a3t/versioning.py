@@ -36,6 +36,10 @@ from typing import NamedTuple
 
 import yaml
 
+# DVC sends usage analytics from a background process unless told not to: a3t works offline
+# and sends nothing anywhere (a user's own setting wins).
+os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+
 # The DVC remote a3t configures from its one setting (pipeline.dvc_remote).
 REMOTE_NAME = "a3t"
 # DVC's own files that `dvc init` stages; a3t commits exactly these after initializing.
