@@ -294,6 +294,9 @@ def load_model(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch_dtype
         )
         kwargs["device_map"] = device  # bitsandbytes quantizes while placing the weights
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # a bar per load clutters the rollout's own progress display
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     if not load_in_4bit:
         model.to(device)
