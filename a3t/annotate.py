@@ -1,4 +1,5 @@
-"""Action sequences to annotate with ActRe: planner walkthroughs or a user's recorded episodes.
+"""Action sequences to annotate with ActRe: planner walkthroughs (WebShop: an oracle's) or a
+user's recorded episodes.
 
 The rollout engine plays each sequence as a scripted episode: every thought comes from
 ActRe, and the replay through the environment says whether the sequence wins.
@@ -9,6 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from a3t.config import WebShopConfig
 from a3t.envs.alfworld import GameFileError, Phrasing, convert_action, load_game
 from a3t.rollout import Task, task_for
 
@@ -22,6 +24,19 @@ def walkthrough_tasks(games: list[Path], phrasing: Phrasing) -> list[Task]:
             raise GameFileError(f"{game}: no walkthrough stored to annotate")
         tasks.append(Task(task_for(game).task_id, game, tuple(walkthrough)))
     return tasks
+
+
+def webshop_walkthrough_tasks(shop: WebShopConfig, task_ids: list[str]) -> list[Task]:
+    """One scripted task per WebShop goal of the local shop: an oracle's actions (search the goal
+    product's title, click it, choose the goal's options, buy), which win with reward 1."""
+    from a3t.envs import shop_site
+    from a3t.envs.webshop import walkthrough
+
+    if shop.server_url:
+        raise ValueError("a WebShop server keeps its goals to itself: there are no oracle walkthroughs to annotate "
+                         "(unset webshop.server_url to annotate the local shop's)")
+    site = shop_site(shop)
+    return [Task(task_id, None, tuple(walkthrough(site, site.catalog.goal(task_id))), shop) for task_id in task_ids]
 
 
 def recorded_tasks(path: Path, phrasing: Phrasing) -> list[Task]:

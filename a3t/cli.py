@@ -27,7 +27,10 @@ app.add_typer(games_app, name="games")
 console = Console()
 
 ConfigOption = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config file.")]
-ProfileOption = Annotated[str, typer.Option("--profile", "-p", help="Settings profile: default (CPU) or paper.")]
+ProfileOption = Annotated[
+    str, typer.Option("--profile", "-p", help="Settings profile: default (CPU), paper (GPU), smoke (tiny model), "
+                      "webshop (WebShop on the CPU) or paper-webshop.")
+]
 OverridesArg = Annotated[
     Optional[list[str]], typer.Argument(help="Config overrides as section.key=value, e.g. games.train=60.")
 ]
@@ -147,7 +150,7 @@ def _play_interactively(game: Path, cfg: Config) -> None:
             return
 
 
-SplitOption = Annotated[str, typer.Option("--split", "-s", help="Split of games.root to play.")]
+SplitOption = Annotated[str, typer.Option("--split", "-s", help="Split of games.root (WebShop: of its goals) to play.")]
 
 
 def _rollout_table(stats, store) -> None:
@@ -169,15 +172,23 @@ def rollout_command(
     round_: Annotated[int, typer.Option("--round", help="Round number recorded in each trajectory.")] = 0,
     limit: Annotated[Optional[int], typer.Option(help="Play only the first N games of the split.")] = None,
 ) -> None:
-    """Play the games of a split with the policy, with A3T exploration and retries of failed tasks."""
+    """Play the games (WebShop: goals) of a split with the policy, with A3T exploration and retries of failed
+    tasks."""
     from a3t.envs.alfworld import find_games
-    from a3t.pipeline import load_agents
+    from a3t.pipeline import load_agents, webshop_tasks
     from a3t.progress import rollout_bar
     from a3t.rollout import rollout, task_for
     from a3t.trajectory import TrajectoryStore
 
     cfg = _config(config, overrides or [], profile)
-    tasks = [task_for(g) for g in find_games(cfg.games.root, split)][:limit]
+    if cfg.env.name == "webshop":
+        try:
+            tasks = webshop_tasks(cfg.webshop, split, limit)
+        except ValueError as e:
+            console.print(f"[red]{e}[/red]")
+            raise typer.Exit(1) from None
+    else:
+        tasks = [task_for(g) for g in find_games(cfg.games.root, split)][:limit]
     policy, annotator = load_agents(cfg)
     store = TrajectoryStore(out)
     with rollout_bar(f"rollout {split}", len(tasks)) as show:
@@ -191,25 +202,35 @@ def annotate_command(
     config: ConfigOption = None,
     profile: ProfileOption = "default",
     split: SplitOption = "train",
-    count: Annotated[Optional[int], typer.Option(help="Annotate the walkthroughs of the first N games.")] = None,
+    count: Annotated[
+        Optional[int], typer.Option(help="Annotate the walkthroughs of the first N games (WebShop: goals).")
+    ] = None,
     episodes: Annotated[
         Optional[Path],
-        typer.Option(help='JSONL of recorded episodes to annotate instead: {"game": PATH, "actions": [...]} per line.'),
+        typer.Option(help='ALFWorld: JSONL of recorded episodes to annotate instead: {"game": PATH, "actions": [...]} '
+                     "per line."),
     ] = None,
     out: Annotated[Path, typer.Option(help="Trajectory JSONL file (appended).")] = Path("data/trajectories/annotated.jsonl"),
     round_: Annotated[int, typer.Option("--round", help="Round number recorded in each trajectory.")] = 0,
 ) -> None:
-    """Turn action sequences (planner walkthroughs or recorded episodes) into ReAct trajectories with ActRe."""
-    from a3t.annotate import recorded_tasks, walkthrough_tasks
+    """Turn action sequences (planner or WebShop oracle walkthroughs, or recorded episodes) into ReAct trajectories
+    with ActRe."""
+    from a3t.annotate import recorded_tasks, walkthrough_tasks, webshop_walkthrough_tasks
     from a3t.envs.alfworld import GameFileError, find_games
-    from a3t.pipeline import load_agents
+    from a3t.pipeline import load_agents, webshop_tasks
     from a3t.progress import rollout_bar
     from a3t.rollout import rollout
     from a3t.trajectory import TrajectoryStore
 
     cfg = _config(config, overrides or [], profile)
     try:
-        if episodes is not None:
+        if cfg.env.name == "webshop":
+            if episodes is not None:
+                raise ValueError("--episodes: recorded episodes are of ALFWorld games; for WebShop, a3t annotates "
+                                 "its oracle's walkthroughs")
+            goals = [t.task_id for t in webshop_tasks(cfg.webshop, split, count)]
+            tasks = webshop_walkthrough_tasks(cfg.webshop, goals)
+        elif episodes is not None:
             tasks = recorded_tasks(episodes, cfg.env.phrasing)
         else:
             tasks = walkthrough_tasks(find_games(cfg.games.root, split)[:count], cfg.env.phrasing)
@@ -256,7 +277,7 @@ def train_command(
     tokenizer = AutoTokenizer.from_pretrained(str(base), local_files_only=True)
     t = cfg.train
     examples = build_examples(load_trajectories(data), tokenizer, t.loss, t.observations_in_loss, cfg.env.phrasing,
-                              t.max_length)
+                              t.max_length, cfg.webshop.observation_format)
     console.print(f"{len(examples)} weighted trajectories ({t.loss} loss) from {len(data)} file(s)")
     epochs = t.epochs_first_round if round_ == 0 else t.epochs_later_rounds
     start = None if t.from_base_each_round else init_adapter
@@ -278,11 +299,12 @@ def _prefect_env() -> None:
 def _run_flow(flow_fn, **params):
     """Call a flow; the workspace's and the config's errors become one clear line, exit 1."""
     _prefect_env()
+    from a3t.envs.webshop_server import WebShopServerError
     from a3t.versioning import WorkspaceError
 
     try:
         return flow_fn(**params)
-    except (WorkspaceError, ConfigError, FileNotFoundError, ImportError) as e:
+    except (WorkspaceError, ConfigError, FileNotFoundError, ImportError, WebShopServerError) as e:
         console.print(f"[red]{e}[/red]")
         raise typer.Exit(1) from None
 
@@ -297,7 +319,8 @@ def _with_task_runner(flow_fn, cfg: Config):
 def run_command(
     overrides: RunArgs = None,
     config: ConfigOption = None,
-    profile: Annotated[str, typer.Option("--profile", "-p", help="smoke (tiny model, ~2 min), default (CPU) or paper (GPU).")] = "default",
+    profile: Annotated[str, typer.Option("--profile", "-p", help="smoke (tiny model, ~2 min), default (CPU), paper "
+                                         "(GPU), webshop or paper-webshop.")] = "default",
 ) -> None:
     """Run the self-improvement campaign in this directory: rounds of rollout, ActRe exploration,
     filtering, DVC versioning, QLoRA training, evaluation and MLflow tracking. A rerun resumes."""
@@ -333,7 +356,7 @@ def eval_command(
     adapter: Annotated[Optional[Path], typer.Option(help="A peft adapter folder (default: the base model).")] = None,
     round_: Annotated[Optional[int], typer.Option("--round", help="Evaluate this round's adapter of the campaign.")] = None,
 ) -> None:
-    """Evaluate a policy on eval.splits: first-attempt success and success within eval.attempts."""
+    """Evaluate a policy on eval.splits: first-attempt success and success within eval.attempts (WebShop: and score)."""
     _config(config, overrides or [], profile)
     from flows.evaluate import evaluate
 
@@ -401,7 +424,9 @@ def _str(value) -> str | None:
 
 def _rates_table(split: str, rates: dict) -> Table:
     k = rates["k"]
-    table = Table("task type", "tasks", "first attempt", f"within {k}", title=split)
+    table = Table("task type", "tasks", "first attempt", f"within {k}", title=split,
+                  caption=f"score (100 x mean reward): {rates['score']:.1f} first attempt, "
+                          f"{rates['score_within_k']:.1f} best within {k}")
     for kind, r in rates["per_type"].items():
         table.add_row(kind, str(r["tasks"]), f"{r['success']:.0%}", f"{r['success_within_k']:.0%}")
     table.add_row("[bold]all[/bold]", str(rates["tasks"]), f"[bold]{rates['success']:.0%}[/bold]",
@@ -415,16 +440,21 @@ def _report_campaign(cfg: Config, wall_s: float | None) -> None:
 
     ws = Workspace.of(cfg)
     rounds = ws.finished_rounds()
+    # WebShop's results are read as score and success rate (the paper's table).
+    scored = cfg.env.name == "webshop"
     table = Table("round", "collected\npol/expl/ann", "train\nloss",
-                  *[f"{split}\n1st / ≤{cfg.eval.attempts}" for split in cfg.eval.splits], "DVC tag",
-                  title=f"campaign {ws.campaign}: success rates")
+                  *[f"{split}\n1st / ≤{cfg.eval.attempts}" for split in cfg.eval.splits],
+                  *([f"{split} score\n1st / ≤{cfg.eval.attempts}" for split in cfg.eval.splits] if scored else []),
+                  "DVC tag", title=f"campaign {ws.campaign}: success rates")
     for k in rounds:
         s = ws.round_summary(k)
         c = s["data"]["collected"]
         losses = s["train"]["loss_per_epoch"]
+        scores = [f"{s['eval'][sp]['score']:.1f} / {s['eval'][sp]['score_within_k']:.1f}"
+                  if "score" in s["eval"].get(sp, {}) else "-" for sp in cfg.eval.splits] if scored else []
         table.add_row(str(k), f"{c['policy']}/{c['explored']}/{c['annotated']}", f"{losses[-1]:.3f}" if losses else "-",
                       *[f"{s['eval'][sp]['success']:.0%} / {s['eval'][sp]['success_within_k']:.0%}" if sp in s["eval"]
-                        else "-" for sp in cfg.eval.splits], s["version"]["tag"])
+                        else "-" for sp in cfg.eval.splits], *scores, s["version"]["tag"])
     console.print(table)
     if wall_s is not None:
         console.print(f"wall time {wall_s / 60:.1f} min")

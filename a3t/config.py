@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 
 class ConfigError(ValueError):
@@ -46,13 +46,65 @@ class GamesConfig(_Section):
         return {"train": self.train, "valid_seen": self.valid_seen, "valid_unseen": self.valid_unseen}
 
 
+EnvName = Literal["alfworld", "webshop"]
+# Step limits of an episode: ReAct and A3T give ALFWorld 50 steps; ReAct's WebShop harness gives 15.
+DEFAULT_MAX_STEPS: dict[str, int] = {"alfworld": 50, "webshop": 15}
+# The splits each environment is evaluated on (WebShop's results are reported on its test goals).
+EVAL_SPLITS: dict[str, list[str]] = {"alfworld": ["valid_seen", "valid_unseen"], "webshop": ["test"]}
+# The held-out split whose first-attempt success rate picks the champion adapter.
+HELD_OUT_SPLIT: dict[str, str] = {"alfworld": "valid_unseen", "webshop": "test"}
+
+
 class EnvConfig(_Section):
+    name: EnvName = Field(
+        "alfworld",
+        description="The environment every step plays: 'alfworld' (games of the games section) or 'webshop' "
+        "(goals of the shop of the webshop section).",
+    )
     phrasing: Literal["put", "move"] = Field(
         "put",
-        description="How the put-action reads: 'put X in/on Y' (ReAct-era games, the paper's prompts and "
-        "trajectories) or 'move X to Y' (alfworld >= 0.4).",
+        description="ALFWorld: how the put-action reads: 'put X in/on Y' (ReAct-era games, the paper's prompts "
+        "and trajectories) or 'move X to Y' (alfworld >= 0.4).",
     )
-    max_steps: int = Field(50, ge=1, description="Step limit of an episode (ReAct and A3T: 50 for ALFWorld).")
+    max_steps: Optional[int] = Field(
+        None, ge=1, description="Step limit of an episode; unset: the environment's (ALFWorld 50 as ReAct and A3T; "
+        "WebShop 15 as ReAct's WebShop harness).",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_max_steps(cls, data: Any) -> Any:
+        # Resolved here, so every reader sees the number that applies.
+        if isinstance(data, dict) and data.get("max_steps") is None:
+            data = dict(data, max_steps=DEFAULT_MAX_STEPS.get(data.get("name", "alfworld"), 50))
+        return data
+
+
+class WebShopConfig(_Section):
+    items_path: Optional[Path] = Field(
+        None, description="WebShop's own products file (items_shuffle*.json); unset: a generated catalogue."
+    )
+    attributes_path: Optional[Path] = Field(
+        None, description="WebShop's attributes file (items_ins_v2*.json), needed with items_path."
+    )
+    human_instructions_path: Optional[Path] = Field(
+        None, description="WebShop's human instructions (items_human_ins.json); unset: its synthetic goals."
+    )
+    seed: int = Field(0, description="Seed of the generated catalogue and goals (and of prices for WebShop's files).")
+    products: int = Field(3000, ge=1, description="Products of the generated catalogue.")
+    train_goals: int = Field(1500, ge=1, description="Train goals of the generated catalogue.")
+    test_goals: int = Field(500, ge=1, description="Test goals of the generated catalogue (WebShop: 500).")
+    observation_format: Literal["sep", "react"] = Field(
+        "react",
+        description="How pages read: 'react' (ReAct's WebShop harness, the format of the ReAct and A3T prompts: "
+        "clickables in brackets, 3 results shown) or 'sep' (WebShop's text mode, texts joined by [SEP]).",
+    )
+    server_url: Optional[str] = Field(
+        None,
+        description="A real WebShop server (WebShop's own site, e.g. http://127.0.0.1:3000): its goals "
+        "(sessions fixed_<i>: test 0-499, train from 1500) are played instead of the local shop's.",
+    )
+    server_timeout_s: float = Field(30.0, gt=0, description="Seconds to wait for one page of the WebShop server.")
 
 
 class LLMConfig(_Section):
@@ -132,15 +184,19 @@ class TrainConfig(_Section):
 
 
 class EvalConfig(_Section):
-    splits: list[Literal["valid_seen", "valid_unseen"]] = Field(
-        ["valid_seen", "valid_unseen"], description="Splits evaluated after each round's training."
+    splits: Optional[list[Literal["valid_seen", "valid_unseen", "test"]]] = Field(
+        None,
+        description="Splits evaluated after each round's training; unset: the environment's (ALFWorld: "
+        "valid_seen and valid_unseen; WebShop: test).",
     )
     games_root: Optional[Path] = Field(
         None,
         description="Games to evaluate on; unset: $ALFWORLD_DATA when it holds the official data "
         "(json_2.1.1), else games.root.",
     )
-    tasks: Optional[int] = Field(None, ge=1, description="Evaluate the first N games of each split; unset: all.")
+    tasks: Optional[int] = Field(
+        None, ge=1, description="Evaluate the first N games (WebShop: goals) of each split; unset: all."
+    )
     attempts: int = Field(
         2, ge=1, description="Attempts per task for 'success within k' (paper: 4); the first attempt is greedy."
     )
@@ -157,13 +213,13 @@ class PipelineConfig(_Section):
     )
     rounds: int = Field(2, ge=1, description="Rounds a campaign runs to (paper: 4, rounds 0-3).")
     train_tasks: Optional[int] = Field(
-        8, ge=1, description="Train games played per round (the first N); unset: all (paper: all train games)."
+        8, ge=1, description="Train games (WebShop: goals) played per round (the first N); unset: all (paper: all)."
     )
     annotate_walkthroughs: int = Field(
         6,
         ge=0,
-        description="Round 0 also learns from ActRe-annotated planner walkthroughs of this many train games "
-        "(a small model rarely succeeds unaided; paper: 0, prompting alone).",
+        description="Round 0 also learns from ActRe-annotated walkthroughs (ALFWorld: the planner's; WebShop: an "
+        "oracle's) of this many train tasks (a small model rarely succeeds unaided; paper: 0, prompting alone).",
     )
     rollout_shards: int = Field(
         1, ge=1, description="Rollout tasks a round's train games are split into; they run concurrently."
@@ -183,7 +239,8 @@ class PipelineConfig(_Section):
 
 class Config(_Section):
     games: GamesConfig = Field(default_factory=GamesConfig, description="Game generation and location.")
-    env: EnvConfig = Field(default_factory=EnvConfig, description="The ALFWorld environment.")
+    env: EnvConfig = Field(default_factory=EnvConfig, description="The environment: ALFWorld or WebShop.")
+    webshop: WebShopConfig = Field(default_factory=WebShopConfig, description="WebShop's shop: local or a server.")
     llm: LLMConfig = Field(default_factory=LLMConfig, description="The policy's LLM.")
     actre: Optional[LLMConfig] = Field(
         None, description="The ActRe annotator's LLM; unset: the policy's LLM (as the paper)."
@@ -192,6 +249,20 @@ class Config(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig, description="Contrastive self-training (QLoRA).")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation after each round.")
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig, description="Rounds, campaign, orchestration.")
+
+    @model_validator(mode="after")
+    def _fit_the_environment(self) -> Config:
+        env = self.env.name
+        if self.eval.splits is None:
+            self.eval.splits = list(EVAL_SPLITS[env])
+        wrong = [s for s in self.eval.splits if s not in EVAL_SPLITS[env]]
+        if wrong:
+            raise ValueError(f"eval.splits: {', '.join(wrong)} is not a split of {env} "
+                             f"(its splits: {', '.join(EVAL_SPLITS[env])})")
+        if env == "webshop" and self.webshop.server_url and self.pipeline.annotate_walkthroughs:
+            raise ValueError("pipeline.annotate_walkthroughs: a WebShop server keeps its goals to itself, so there "
+                             "is no oracle walkthrough to annotate; set pipeline.annotate_walkthroughs=0")
+        return self
 
 
 def _set(tree: dict, dotted: str, value: Any) -> None:
@@ -202,6 +273,13 @@ def _set(tree: dict, dotted: str, value: Any) -> None:
             raise ConfigError(f"override {dotted}: {key} is a value, not a section")
         tree = node
     tree[leaf] = value
+
+
+def _merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for key, value in top.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
 
 
 # Named sets of settings applied on top of the defaults, before a config file and overrides.
@@ -231,15 +309,15 @@ PROFILES: dict[str, dict] = {
         "train": {"epochs_first_round": 2, "epochs_later_rounds": 1, "max_length": 1024},
         "eval": {"attempts": 2},
         "pipeline": {"rounds": 2, "train_tasks": 4, "annotate_walkthroughs": 2},
+        # A small shop for env.name=webshop (built in a few hundredths of a second).
+        "webshop": {"products": 200, "train_goals": 20, "test_goals": 4},
     },
 }
-
-
-def _merge(base: dict, top: dict) -> dict:
-    out = dict(base)
-    for key, value in top.items():
-        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
+# WebShop with the paper's retry rule (at least 3 retries of a failed task, stop at the first
+# success, at most 20), on the CPU defaults otherwise; paper-webshop adds the paper's model and training.
+_WEBSHOP = {"env": {"name": "webshop"}, "rollout": {"retry_min": 3, "retry_max": 20, "stop_at_first_success": True}}
+PROFILES["webshop"] = _WEBSHOP
+PROFILES["paper-webshop"] = _merge(PROFILES["paper"], _WEBSHOP)
 
 
 def load_config(
@@ -276,6 +354,9 @@ def load_config(
         source = " + ".join(([str(path)] if path is not None else []) + (["overrides"] if overrides else [])) or "config"
         problems = []
         for err in e.errors():
+            if not err["loc"]:  # a rule across sections: its message names the keys
+                problems.append(err["msg"].removeprefix("Value error, "))
+                continue
             where = ".".join(str(part) for part in err["loc"])
             problem = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
             problems.append(f"{where}: {problem} (got {err['input']!r})")

@@ -3,7 +3,8 @@
 Rewards are binarized (success = 1, else 0; or kept real-valued for the ``raw`` loss),
 each task's trajectories form a group whose mean reward is the baseline, and each
 trajectory gets one weight (see ``trajectory_weight``). A trajectory is rendered with
-the model's own chat template exactly as the rollout prompt was (a3t.agent.react), and
+the model's own chat template exactly as the rollout prompt was (a3t.agent.react: the
+prompt of the environment the trajectory says it was played in), and
 its tokens get a loss mask built from character spans of the rendered turns: the
 agent's turns always (content and the end-of-turn token), observations by a setting
 (the paper keeps them), never the instruction, the example or the template's headers.
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from a3t.agent.examples import PageFormat
 from a3t.agent.react import react_chat
 from a3t.envs.alfworld import Phrasing
 from a3t.trajectory import Trajectory, TrajectoryStore
@@ -98,9 +100,12 @@ def turn_spans(tokenizer, chat: list[dict[str, str]], observations: bool) -> tup
 
 
 def tokenize_trajectory(
-    tokenizer, t: Trajectory, weight: float, phrasing: Phrasing, observations: bool, max_length: int
+    tokenizer, t: Trajectory, weight: float, phrasing: Phrasing, observations: bool, max_length: int,
+    page_format: PageFormat = "react",
 ) -> Example:
-    chat = react_chat(t.task_type, t.initial_observation, t.steps, phrasing)
+    """``phrasing`` renders ALFWorld trajectories' prompt, ``page_format`` WebShop's."""
+    chat = react_chat(t.task_type, t.initial_observation, t.steps, phrasing,
+                      webshop=page_format if t.env == "webshop" else None)
     text, spans = turn_spans(tokenizer, chat, observations)
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = encoded["input_ids"], encoded["offset_mapping"]
@@ -126,12 +131,14 @@ def build_examples(
     observations: bool = True,
     phrasing: Phrasing = "put",
     max_length: int = 4096,
+    page_format: PageFormat = "react",
 ) -> list[Example]:
-    """Weighted, tokenized examples; trajectories whose weight is 0 add nothing and are left out."""
+    """Weighted, tokenized examples; trajectories whose weight is 0 add nothing and are left out.
+    ALFWorld trajectories are rendered in ``phrasing``, WebShop's with pages in ``page_format``."""
     baselines = task_baselines(trajectories, variant)
     examples = []
     for t in trajectories:
         weight = trajectory_weight(reward_of(t, variant), baselines[t.task_id], variant)
         if weight != 0.0:
-            examples.append(tokenize_trajectory(tokenizer, t, weight, phrasing, observations, max_length))
+            examples.append(tokenize_trajectory(tokenizer, t, weight, phrasing, observations, max_length, page_format))
     return examples

@@ -1,7 +1,7 @@
 """The steps of a self-improvement round, as plain functions over a workspace.
 
-Round k: (round 0: ActRe-annotated walkthroughs) → the policy plays the train games (first
-attempts) → failed tasks are retried with A3T exploration → the training set is filtered
+Round k: (round 0: ActRe-annotated walkthroughs) → the policy plays the train tasks (first
+attempts: ALFWorld games, or WebShop goals with ``env.name=webshop``) → failed tasks are retried with A3T exploration → the training set is filtered
 from every round so far → (versioned by DVC) → a QLoRA adapter is trained → it is
 evaluated. Each step reads the files the previous one wrote and is safe to rerun: stores
 skip finished episodes, training resumes from its last checkpoint and returns at once when
@@ -10,7 +10,7 @@ tasks in ``tasks/`` wrap one function each; nothing here imports Prefect or MLfl
 
 Workspace layout (relative to the workspace root, the directory ``a3t run`` runs in)::
 
-    data/games/                                 games (DVC-tracked)
+    data/games/                                 ALFWorld games (DVC-tracked; WebShop has none)
     data/trajectories/<campaign>/round_<k>/     the dataset (DVC-tracked): annotated.jsonl,
                                                 rollout-<shard>.jsonl, train_set.jsonl
     data/runs/<campaign>/round_<k>/             not versioned: train/ (adapter, checkpoints),
@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from a3t.config import Config
+from a3t.config import WebShopConfig
 from a3t.progress import rollout_bar
 from a3t.trajectory import Trajectory, TrajectoryStore
 
@@ -136,6 +137,30 @@ def train_games(cfg: Config, ws: Workspace) -> list[Path]:
     return spread_over_task_types(find_games(ws.path(cfg.games.root), "train"), cfg.pipeline.train_tasks)
 
 
+def webshop_tasks(shop: WebShopConfig, split: str, limit: int | None = None):
+    """The first ``limit`` goals of a WebShop split: the local shop's (<split>/<index>), or the
+    WebShop server's sessions (fixed_<index>) when ``shop.server_url`` is set."""
+    from a3t.envs import shop_site
+    from a3t.envs.webshop_server import server_task_ids
+    from a3t.rollout import Task
+
+    try:
+        ids = server_task_ids(split, limit) if shop.server_url else shop_site(shop).catalog.task_ids(split)[:limit]
+    except KeyError as e:  # an unknown split: the message names the splits there are
+        raise ValueError(e.args[0]) from None
+    return [Task(task_id, None, shop=shop) for task_id in ids]
+
+
+def train_tasks(cfg: Config, ws: Workspace):
+    """The train tasks a round plays: the first ``pipeline.train_tasks`` train games (spread over
+    task types) or WebShop train goals."""
+    from a3t.rollout import task_for
+
+    if cfg.env.name == "webshop":
+        return webshop_tasks(cfg.webshop, "train", cfg.pipeline.train_tasks)
+    return [task_for(g) for g in train_games(cfg, ws)]
+
+
 def eval_games_root(cfg: Config, ws: Workspace) -> Path:
     """eval.games_root, else the official data when $ALFWORLD_DATA holds it, else games.root.
     (Importing alfworld sets ALFWORLD_DATA to an empty cache folder: look for the data itself.)"""
@@ -149,13 +174,18 @@ def eval_games_root(cfg: Config, ws: Workspace) -> Path:
 
 def annotate_walkthroughs(cfg: Config, ws: Workspace, round_: int) -> dict:
     """ActRe writes the thoughts of the planner walkthroughs of the first
-    ``pipeline.annotate_walkthroughs`` train games (spread over task types)."""
-    from a3t.annotate import walkthrough_tasks
+    ``pipeline.annotate_walkthroughs`` train games (spread over task types), or of an oracle's
+    walkthroughs of as many WebShop train goals."""
+    from a3t.annotate import walkthrough_tasks, webshop_walkthrough_tasks
     from a3t.envs.alfworld import find_games
     from a3t.rollout import rollout
 
-    games = spread_over_task_types(find_games(ws.path(cfg.games.root), "train"), cfg.pipeline.annotate_walkthroughs)
-    tasks = walkthrough_tasks(games, cfg.env.phrasing)
+    n = cfg.pipeline.annotate_walkthroughs
+    if cfg.env.name == "webshop":
+        tasks = webshop_walkthrough_tasks(cfg.webshop, [t.task_id for t in webshop_tasks(cfg.webshop, "train", n)])
+    else:
+        tasks = walkthrough_tasks(spread_over_task_types(find_games(ws.path(cfg.games.root), "train"), n),
+                                  cfg.env.phrasing)
     store = TrajectoryStore(ws.round_data(round_) / "annotated.jsonl")
     _, annotator = load_agents(cfg, need_policy=False)
     once = cfg.rollout.model_copy(update={"retry_max": 0})  # a script is played once
@@ -168,10 +198,9 @@ def play_train_games(cfg: Config, ws: Workspace, round_: int, shard: int = 0, re
     """The policy (round k's: the base model in round 0, else round k-1's adapter) plays its
     shard of the train games with A3T exploration: the first attempts, or (``retries``) the
     retries of the tasks whose first attempt failed. Both write the shard's store."""
-    from a3t.rollout import rollout, task_for
+    from a3t.rollout import rollout
 
-    games = train_games(cfg, ws)[shard :: cfg.pipeline.rollout_shards]
-    tasks = [task_for(g) for g in games]
+    tasks = train_tasks(cfg, ws)[shard :: cfg.pipeline.rollout_shards]
     store = TrajectoryStore(ws.round_data(round_) / f"rollout-{shard}.jsonl")
     policy, annotator = load_agents(cfg, adapter=policy_adapter(ws, round_ - 1))
     rollout_cfg = cfg.rollout if retries else cfg.rollout.model_copy(update={"retry_max": 0})
@@ -246,7 +275,7 @@ def train_round(cfg: Config, ws: Workspace, round_: int) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(str(base), local_files_only=True)
     t = cfg.train
     examples = build_examples(load_trajectories([ws.round_data(round_) / TRAIN_SET]), tokenizer, t.loss,
-                              t.observations_in_loss, cfg.env.phrasing, t.max_length)
+                              t.observations_in_loss, cfg.env.phrasing, t.max_length, cfg.webshop.observation_format)
     if not examples:
         # Nothing succeeded yet: the round keeps the policy it played with (policy_adapter).
         return {"examples": 0, "loss_per_epoch": [], "skipped": "no trajectory with a non-zero weight to train on"}
@@ -257,8 +286,8 @@ def train_round(cfg: Config, ws: Workspace, round_: int) -> dict:
 
 
 def evaluate_split(cfg: Config, ws: Workspace, round_: int, split: str) -> dict:
-    """The policy after round k on a split (the games of ``eval_games_root``); episodes kept in
-    the round's ``eval/<split>.jsonl``."""
+    """The policy after round k on a split (the games of ``eval_games_root``, or WebShop's goals);
+    episodes kept in the round's ``eval/<split>.jsonl``."""
     return evaluate_policy(cfg, eval_games_root(cfg, ws), split, policy_adapter(ws, round_),
                            ws.round_run(round_) / "eval" / f"{split}.jsonl", round_)
 
@@ -266,13 +295,17 @@ def evaluate_split(cfg: Config, ws: Workspace, round_: int, split: str) -> dict:
 def evaluate_policy(
     cfg: Config, games_root: Path, split: str, adapter: Path | None, store_path: Path, round_: int = 0
 ) -> dict:
-    """The policy (base model + ``adapter``) on a split's games: a greedy first attempt without
-    exploration, then up to eval.attempts-1 sampled retries of each failed task (stopping at
-    its first success). Returns ``success_rates``; a rerun resumes from the store."""
+    """The policy (base model + ``adapter``) on a split's games (WebShop: goals; ``games_root`` is
+    ALFWorld's): a greedy first attempt without exploration, then up to eval.attempts-1 sampled
+    retries of each failed task (stopping at its first success). Returns ``success_rates``; a
+    rerun resumes from the store."""
     from a3t.envs.alfworld import find_games
     from a3t.rollout import rollout, task_for
 
-    tasks = [task_for(g) for g in find_games(games_root, split)[: cfg.eval.tasks]]
+    if cfg.env.name == "webshop":
+        tasks = webshop_tasks(cfg.webshop, split, cfg.eval.tasks)
+    else:
+        tasks = [task_for(g) for g in find_games(games_root, split)[: cfg.eval.tasks]]
     store = TrajectoryStore(store_path)
     policy, annotator = load_agents(cfg, adapter=adapter)
     plain = {"p_explore": 0.0, "forced_explore_after_invalid": 10**9, "retry_min": 0, "stop_at_first_success": True}
@@ -287,23 +320,29 @@ def evaluate_policy(
 
 
 def success_rates(trajectories: list[Trajectory], attempts: int) -> dict:
-    """First-attempt success and success within ``attempts`` attempts, overall and per task type."""
+    """First-attempt success and success within ``attempts`` attempts, overall and per task type
+    (WebShop: product category); overall also the score: 100 x the mean reward of the first
+    attempts (WebShop's score; ALFWorld's reward is 0 or 1) and of each task's best attempt within k."""
     tasks: dict[str, dict] = {}
     for t in trajectories:
-        task = tasks.setdefault(t.task_id, {"type": t.task_type, "first": False, "within": False})
+        task = tasks.setdefault(t.task_id, {"type": t.task_type, "first": False, "within": False,
+                                            "reward": 0.0, "best": 0.0})
         if t.attempt == 0:
-            task["first"] = t.success
-        if t.attempt < attempts and t.success:
-            task["within"] = True
+            task["first"], task["reward"] = t.success, t.reward
+        if t.attempt < attempts:
+            task["within"] = task["within"] or t.success
+            task["best"] = max(task["best"], t.reward)
+
+    def mean(group: list[dict], key: str) -> float:
+        return sum(g[key] for g in group) / len(group) if group else 0.0
 
     def rates(group: list[dict]) -> dict:
-        n = len(group)
-        return {"tasks": n, "success": sum(g["first"] for g in group) / n if n else 0.0,
-                "success_within_k": sum(g["within"] for g in group) / n if n else 0.0}
+        return {"tasks": len(group), "success": mean(group, "first"), "success_within_k": mean(group, "within")}
 
     by_type: dict[str, list[dict]] = defaultdict(list)
     for task in tasks.values():
         by_type[task["type"]].append(task)
-    return {"k": attempts, **rates(list(tasks.values())),
+    every = list(tasks.values())
+    return {"k": attempts, **rates(every), "score": 100 * mean(every, "reward"),
+            "score_within_k": 100 * mean(every, "best"),
             "per_type": {kind: rates(group) for kind, group in sorted(by_type.items())}}
-

@@ -21,19 +21,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from a3t.agent.actre import ActReAnnotator, ActReRequest
+from a3t.agent.examples import PageFormat
 from a3t.agent.react import parse_turn, react_chat
-from a3t.config import EnvConfig, RolloutConfig
-from a3t.envs.alfworld import AlfWorldEnv
-from a3t.envs.base import Reset
-from a3t.llm.base import LLM, Sampling, stop_after_action_line
+from a3t.config import EnvConfig, RolloutConfig, WebShopConfig
+from a3t.envs import explore_action, make_env
+from a3t.envs.base import Reset, TextEnv
+from a3t.llm.base import LLM, Chat, Sampling, stop_after_action_line
 from a3t.trajectory import StepRecord, Trajectory, TrajectoryStore
 
 
 @dataclass(frozen=True)
 class Task:
-    task_id: str  # the game relative to its data root, e.g. train/<task>/<trial>
-    game: Path
+    task_id: str  # ALFWorld: the game relative to its data root, e.g. train/<task>/<trial>; WebShop: the goal
+    game: Path | None  # ALFWorld: the game file; None for WebShop
     script: tuple[str, ...] | None = None  # actions to annotate instead of asking the policy
+    shop: WebShopConfig | None = None  # WebShop: the shop the goal is on (local or a server); None for ALFWorld
 
 
 def task_for(game: Path) -> Task:
@@ -63,7 +65,7 @@ class RolloutStats:
 class _Episode:
     task: Task
     attempt: int
-    env: AlfWorldEnv
+    env: TextEnv
     first: Reset
     rng: random.Random
     steps: list[StepRecord] = field(default_factory=list)
@@ -174,17 +176,24 @@ def rollout(
 def _start(task: Task, attempt: int, cfg: RolloutConfig, env_cfg: EnvConfig, round_: int) -> _Episode:
     # A scripted episode ends with its script (a step limit) if the script does not win.
     max_steps = min(env_cfg.max_steps, len(task.script)) if task.script is not None else env_cfg.max_steps
-    env = AlfWorldEnv(task.game, phrasing=env_cfg.phrasing, max_steps=max_steps)
+    env = make_env(task, env_cfg, max_steps)
     first = env.reset()
     # Each episode has its own RNG, so its exploration does not depend on batching order.
     rng = random.Random(f"{cfg.seed}:{round_}:{task.task_id}:{attempt}")
     return _Episode(task=task, attempt=attempt, env=env, first=first, rng=rng)
 
 
-def explore_action(episode: _Episode) -> str:
-    # "help" only prints the command list: sampling it wastes a step.
-    options = [a for a in episode.env.admissible_actions if a != "help"]
-    return episode.rng.choice(options)
+def _page_format(episode: _Episode) -> PageFormat | None:
+    """A WebShop episode's page format (its prompts show their example in it); None for ALFWorld."""
+    return None if episode.task.shop is None else episode.task.shop.observation_format
+
+
+def _policy_chat(episode: _Episode) -> Chat:
+    """WebShop's prompt for a WebShop goal, else ALFWorld's in the game's phrasing."""
+    first, webshop = episode.first, _page_format(episode)
+    if webshop is not None:
+        return react_chat(first.task_type, first.observation, episode.steps, webshop=webshop)
+    return react_chat(first.task_type, first.observation, episode.steps, episode.env.phrasing)
 
 
 def _choose_actions(active, policy, annotator, sampling, cfg: RolloutConfig, turn: int, stats: RolloutStats):
@@ -195,12 +204,11 @@ def _choose_actions(active, policy, annotator, sampling, cfg: RolloutConfig, tur
         if ep.task.script is not None:
             explores.append((i, ep.task.script[len(ep.steps)], False))
         elif ep.rng.random() < cfg.p_explore or ep.invalid_in_a_row >= cfg.forced_explore_after_invalid:
-            explores.append((i, explore_action(ep), True))
+            explores.append((i, explore_action(ep.env, ep.rng), True))
         else:
             asks.append(i)
     if asks:
-        chats = [react_chat(active[i].first.task_type, active[i].first.observation, active[i].steps,
-                            active[i].env.phrasing) for i in asks]
+        chats = [_policy_chat(active[i]) for i in asks]
         seeded = Sampling(sampling.temperature, sampling.top_p, sampling.max_new_tokens, seed=cfg.seed * 100_003 + turn)
         t0 = time.perf_counter()
         completions = policy.complete(chats, seeded, stop_after_action_line, sessions=[active[i].episode_id for i in asks])
@@ -209,7 +217,8 @@ def _choose_actions(active, policy, annotator, sampling, cfg: RolloutConfig, tur
             parsed = parse_turn(completion.text)
             choices[i] = (parsed.thought, parsed.action, False)
     if explores:
-        requests = [ActReRequest(active[i].first.task_type, active[i].first.observation, active[i].steps, action)
+        requests = [ActReRequest(active[i].first.task_type, active[i].first.observation, active[i].steps, action,
+                                 _page_format(active[i]))
                     for i, action, _ in explores]
         t0 = time.perf_counter()
         answers = annotator.reasons(requests, sessions=[_actre_session(active[i]) for i, _, _ in explores])
@@ -243,8 +252,9 @@ def _finish(episode: _Episode, reward: float, won: bool, round_: int, policy, an
     model = policy if policy is not None else annotator.llm
     return Trajectory(
         episode_id=f"r{round_}/{episode.episode_id}",
+        env="alfworld" if episode.task.shop is None else "webshop",
         task_id=episode.task.task_id,
-        game=str(episode.task.game),
+        game="" if episode.task.game is None else str(episode.task.game),
         task_type=episode.first.task_type,
         task=episode.first.task,
         round=round_,

@@ -36,8 +36,10 @@ class Trajectory(BaseModel):
 
     schema_version: Literal[1] = SCHEMA_VERSION
     episode_id: str = Field(description="Unique per store: task, round and attempt.")
-    task_id: str = Field(description="The game, relative to the games root; groups a task's attempts.")
-    game: str = Field(description="Path of the game file.")
+    env: Literal["alfworld", "webshop"] = Field("alfworld", description="The environment the episode was played in.")
+    task_id: str = Field(description="ALFWorld: the game, relative to the games root; WebShop: the goal "
+                         "(<split>/<index>, or fixed_<index> on a WebShop server). Groups a task's attempts.")
+    game: str = Field("", description="ALFWorld: path of the game file; WebShop: empty.")
     task_type: str
     task: str
     round: int = 0

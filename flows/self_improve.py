@@ -1,4 +1,4 @@
-"""The self-improvement flow: rounds of rollout → ActRe exploration → filter → DVC version →
+"""The self-improvement flow (ALFWorld or WebShop, by ``env.name``): rounds of rollout → ActRe exploration → filter → DVC version →
 QLoRA training → evaluation → MLflow, from the first unfinished round of the campaign.
 
 A rerun after a crash resumes the unfinished round at its first unfinished step; a
@@ -33,7 +33,8 @@ def self_improve(
     ws = Workspace.of(cfg, workspace)
     with workspace_lock(ws.root):
         steps.prepare_workspace(cfg, workspace)
-        steps.generate_games(cfg, workspace)
+        if cfg.env.name == "alfworld":  # WebShop's shop is built in process, from its settings
+            steps.generate_games(cfg, workspace)
         first = ws.next_round()
         last = cfg.pipeline.rounds if more_rounds is None else first + more_rounds
         summaries = [run_round(cfg, workspace, k) for k in range(first, last)]
@@ -61,7 +62,8 @@ def one_round(
         if k > ws.next_round():
             raise WorkspaceError(f"round {k} needs round {ws.next_round()} finished first (campaign {ws.campaign})")
         steps.prepare_workspace(cfg, workspace)
-        steps.generate_games(cfg, workspace)
+        if cfg.env.name == "alfworld":
+            steps.generate_games(cfg, workspace)
         return run_round(cfg, workspace, k)
 
 

@@ -15,7 +15,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from a3t import pipeline, versioning
-from a3t.config import Config
+from a3t.config import HELD_OUT_SPLIT, Config
 from a3t.pipeline import Workspace
 from tasks import tracking
 
@@ -39,7 +39,11 @@ def prepare_workspace(cfg: Config, root: str) -> list[str]:
 
 
 def versioned_paths(cfg: Config, ws: Workspace) -> list[Path]:
-    """The trajectories, and the games when they live in the workspace (not $ALFWORLD_DATA)."""
+    """The trajectories, and ALFWorld's games when they live in the workspace (not $ALFWORLD_DATA).
+    WebShop's shop is not versioned: the generated one is rebuilt from its settings (logged with
+    the config), WebShop's own files and server are the user's."""
+    if cfg.env.name == "webshop":
+        return [ws.trajectories]
     games = ws.path(cfg.games.root)
     inside = games.resolve().is_relative_to(ws.root.resolve())
     return [games, ws.trajectories] if inside else [ws.trajectories]
@@ -47,6 +51,7 @@ def versioned_paths(cfg: Config, ws: Workspace) -> list[Path]:
 
 @step(name="generate games")
 def generate_games(cfg: Config, root: str) -> dict[str, int]:
+    """ALFWorld's games (the flows skip this step for WebShop)."""
     from a3t.envs.alfworld_gen import game_jobs, generate_games as generate
     from a3t.progress import step_bar
 
@@ -142,8 +147,12 @@ def register(cfg: Config, root: str, round_: int, run_id: str, parent_id: str, s
     tracking.log_success_plot(ws.root, ws.campaign, run_id, parent_id)
     version, champion = None, False
     if trained:
-        score = summary["eval"].get("valid_unseen", {}).get("success", 0.0)
-        version, champion = tracking.register_adapter(ws.root, ws.campaign, run_id, round_, score)
+        # The champion is the best first-attempt success rate on the held-out split (ALFWorld:
+        # valid_unseen; WebShop: test): the binarized objective A3T trains for.
+        split = HELD_OUT_SPLIT[cfg.env.name]
+        score = summary["eval"].get(split, {}).get("success", 0.0)
+        version, champion = tracking.register_adapter(ws.root, ws.campaign, run_id, round_, score,
+                                                      score_name=tracking.success_key(split))
     tracking.finish_run(ws.root, run_id)
     return {"model_version": version, "champion": champion}
 
@@ -159,6 +168,8 @@ def round_metrics(summary: dict) -> dict[str, float]:
     for split, rates in summary["eval"].items():
         metrics[f"{split}/success"] = rates["success"]
         metrics[f"{split}/success_within_{rates['k']}"] = rates["success_within_k"]
+        metrics[f"{split}/score"] = rates["score"]
+        metrics[f"{split}/score_within_{rates['k']}"] = rates["score_within_k"]
         for kind, r in rates["per_type"].items():
             metrics[f"{split}/success/{kind}"] = r["success"]
             metrics[f"{split}/success_within_{rates['k']}/{kind}"] = r["success_within_k"]

@@ -19,14 +19,16 @@ a new run.
 
 Metric names (step = round, on the round run and on the parent, whose charts then show
 the campaign's curves):
-  <split>/success, <split>/success/<task_type>, <split>/success_within_<k>   (split:
-  valid_seen, valid_unseen); trajectories/policy|explored|annotated; train/loss;
-  rollout/tokens_per_s; round/wall_s.
+  <split>/success, <split>/success/<task_type>, <split>/success_within_<k>, <split>/score,
+  <split>/score_within_<k>   (split: ALFWorld's valid_seen and valid_unseen, WebShop's test; task
+  type: WebShop's product category; score: 100 x the mean reward, WebShop's score);
+  trajectories/policy|explored|annotated; train/loss; rollout/tokens_per_s; round/wall_s.
 
 Registered model ``<experiment>-<campaign>`` (``a3t-<campaign>``): one version per round,
-source the round run's ``adapter`` artifact, tags a3t.round and a3t.score (valid_unseen
-success). Aliases: ``challenger`` is the latest round's version; ``champion`` moves only
-when a round's score is strictly higher than the champion's.
+source the round run's ``adapter`` artifact, tags a3t.round and a3t.score (first-attempt
+success on the held-out split: ALFWorld valid_unseen, WebShop test). Aliases: ``challenger``
+is the latest round's version; ``champion`` moves only when a round's score is strictly higher
+than the champion's.
 """
 
 from __future__ import annotations
@@ -69,7 +71,7 @@ if _MLFLOW_IMPORTED_BEFORE:
 log = logging.getLogger(__name__)
 
 EXPERIMENT = "a3t"
-SPLITS = ("valid_unseen", "valid_seen")
+SPLITS = ("valid_unseen", "valid_seen", "test")  # ALFWorld's evaluation splits, then WebShop's
 CHAMPION = "champion"
 CHALLENGER = "challenger"
 
@@ -394,13 +396,15 @@ def plot_success(history: list[dict[str, Any]], out_png: str | Path) -> Path:
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
-    per_task = tuple(success_key(split) + "/" for split in SPLITS)
+    # A panel per evaluated split (ALFWorld's two, or WebShop's test); ALFWorld's before any evaluation.
+    splits = [s for s in SPLITS if any(success_key(s) in h["metrics"] for h in history)] or list(SPLITS[:2])
+    per_task = tuple(success_key(split) + "/" for split in splits)
     task_types = sorted({k.rsplit("/", 1)[1] for h in history for k in h["metrics"] if k.startswith(per_task)})
     colors = {t: f"C{i % 10}" for i, t in enumerate(task_types)}
-    fig = Figure(figsize=(12, 5), layout="constrained")
+    fig = Figure(figsize=(6 * len(splits), 5), layout="constrained")
     fig.suptitle("Success rate at the first attempt, per round")
-    axes = fig.subplots(1, len(SPLITS), sharey=True)
-    for ax, split in zip(axes, SPLITS):
+    axes = fig.subplots(1, len(splits), sharey=True, squeeze=False)[0]
+    for ax, split in zip(axes, splits):
         lines = [(success_key(split), "overall", {"color": "black", "linewidth": 2.5})]
         lines += [(success_key(split, t), t, {"color": colors[t], "linewidth": 1.2}) for t in task_types]
         drawn = False
@@ -458,12 +462,14 @@ def _aliases(client: MlflowClient, name: str) -> dict[str, str]:
 
 
 def register_adapter(
-    workspace: str | Path, campaign: str, run_id: str, round_: int, score: float
+    workspace: str | Path, campaign: str, run_id: str, round_: int, score: float,
+    score_name: str = "valid_unseen/success",
 ) -> tuple[str, bool]:
     """Register the round run's ``adapter`` artifact as a version of ``a3t-<campaign>`` (once:
     a rerun finds the version and updates its score). ``challenger`` points at it; ``champion``
-    moves to it when there is none or ``score`` (valid_unseen success) is strictly higher than
-    the champion's. Returns (version, whether it is the champion now)."""
+    moves to it when there is none or ``score`` (the metric ``score_name``: valid_unseen success,
+    or WebShop's test success) is strictly higher than the champion's. Returns (version, whether
+    it is the champion now)."""
     _check_campaign(campaign)
     _check_round(round_)
     if isinstance(score, bool) or not isinstance(score, (int, float)) or not math.isfinite(score):
@@ -490,7 +496,7 @@ def register_adapter(
             source=f"{run.info.artifact_uri}/adapter",
             run_id=run_id,
             tags={TAG_CAMPAIGN: campaign, TAG_ROUND: str(round_), TAG_SCORE: str(score)},
-            description=f"round {round_}: valid_unseen success {score:.4f}",
+            description=f"round {round_}: {score_name} {score:.4f}",
         ).version
     version = str(version)
     client.set_registered_model_alias(name, CHALLENGER, version)

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from a3t.agent.examples import example_for
+from a3t.agent.examples import PageFormat, example_for, webshop_example
 from a3t.agent.react import example_text, transcript
 from a3t.envs.alfworld import Phrasing
 from a3t.llm.base import LLM, Chat, Completion, Sampling, stop_after_first_line
 from a3t.trajectory import StepRecord
 
-SYSTEM = """You explain the actions of an agent in a household.
+SYSTEM = """You explain the actions of an agent {setting}.
 You see the agent's task, what happened so far, and the action the agent takes next.
 Answer with one line that gives the agent's reason for taking that action now:
 Thought: <the reason>
@@ -35,10 +35,17 @@ class ActReRequest:
     initial_observation: str
     steps: list[StepRecord]  # the episode before the action
     action: str
+    webshop: PageFormat | None = None  # a WebShop episode: its page format; None: ALFWorld
 
 
 def actre_chat(request: ActReRequest, phrasing: Phrasing) -> Chat:
-    system = SYSTEM.format(example=example_text(example_for(request.task_type, phrasing)))
+    """The ActRe chat of a request: WebShop's example for a WebShop episode, else the ALFWorld
+    example of its task type in ``phrasing``."""
+    if request.webshop is not None:
+        setting, example = "shopping in a web shop", webshop_example(request.webshop)
+    else:
+        setting, example = "in a household", example_for(request.task_type, phrasing)
+    system = SYSTEM.format(setting=setting, example=example_text(example))
     history = transcript(request.initial_observation, request.steps)
     return [
         {"role": "system", "content": system},

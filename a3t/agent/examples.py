@@ -1,8 +1,11 @@
-"""One worked example per ALFWorld task type, for the 1-shot ReAct and ActRe prompts.
+"""One worked example per ALFWorld task type, and one WebShop example, for the 1-shot ReAct
+and ActRe prompts.
 
-Written for a3t: observations and actions are the planner walkthroughs of generated
+Written for a3t: ALFWorld's observations and actions are the planner walkthroughs of generated
 train games (seed 2024) played through the environment; the thoughts are ours. They use
 the ReAct-era phrasing "put X in/on Y"; ``example_for(..., phrasing="move")`` converts.
+WebShop's is a train goal of the generated catalogue of seed 2024 (not the default seed 0),
+bought with reward 1 in our own actions and thoughts, its pages in both observation formats.
 """
 
 from __future__ import annotations
@@ -10,7 +13,11 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from typing import Literal
+
 from a3t.envs.alfworld import Phrasing, convert_action
+
+PageFormat = Literal["sep", "react"]  # WebShop's observation formats (a3t.envs.webshop.ObservationFormat)
 
 
 @dataclass(frozen=True)
@@ -170,3 +177,55 @@ def example_for(task_type: str, phrasing: Phrasing = "put") -> Example:
         for thought, action, obs in example.steps
     )
     return Example(task_type, example.observation, steps)
+
+
+_WEBSHOP_INSTRUCTION = ("i'm looking for a detachable hood winter jacket in olive color and medium size, and price "
+                        "lower than 70.00 dollars")
+_WEBSHOP_ITEM = ("color [SEP] white [SEP] olive [SEP] purple [SEP] size [SEP] small [SEP] medium [SEP] Amberfield "
+                 "Premium Winter Jacket, Detachable Hood and Water Resistant [SEP] Price: $41.52 [SEP] Rating: N.A. "
+                 "[SEP] Description [SEP] Features [SEP] Reviews [SEP] Buy Now")
+_WEBSHOP_SEP_HEAD = f"Instruction: [SEP] {_WEBSHOP_INSTRUCTION} [SEP] Back to Search [SEP] "
+# (thought, action) and the page after the action in each format.
+_WEBSHOP_TURNS = (
+    (("I need a winter jacket with a detachable hood, in olive and in size medium, for less than 70 dollars. "
+      "I search for its key words.", "search[detachable hood winter jacket olive medium]"),
+     {"react": "[Back to Search] \nPage 1 (Total results: 50) \n[Next >] \n[B06P0N4E7C] \nAmberfield Premium Winter "
+               "Jacket, Detachable Hood and Water Resistant \n$41.52 \n[B0G4PEOXJH] \nKestrel Plus Winter Jacket, "
+               "Detachable Hood and Warm Fleece \n$102.35 \n[B0ZLSSYUR6] \nAmberfield Essential Winter Jacket, "
+               "Detachable Hood and Machine Wash \n$88.3",
+      "sep": _WEBSHOP_SEP_HEAD + "Page 1 (Total results: 50) [SEP] Next > [SEP] B06P0N4E7C [SEP] Amberfield Premium "
+             "Winter Jacket, Detachable Hood and Water Resistant [SEP] $41.52 [SEP] B0G4PEOXJH [SEP] Kestrel Plus "
+             "Winter Jacket, Detachable Hood and Warm Fleece [SEP] $102.35 [SEP] B0ZLSSYUR6 [SEP] Amberfield "
+             "Essential Winter Jacket, Detachable Hood and Machine Wash [SEP] $88.3 [SEP] B0USZUYERP [SEP] Brightway "
+             "Premium Winter Jacket, Detachable Hood and Windproof Shell [SEP] $177.83 [SEP] B0JED2VQS4 [SEP] "
+             "Ironbark Urban Winter Jacket, Water Resistant and Detachable Hood [SEP] $145.8 [SEP] B0E1WZ34RB [SEP] "
+             "Ironbark Everyday Winter Jacket, Detachable Hood and Machine Wash [SEP] $151.14 [SEP] B0NWO8VWEX "
+             "[SEP] Ironbark Select Winter Jacket, Detachable Hood and Water Resistant [SEP] $41.01 [SEP] "
+             "B02BUU9Q7G [SEP] Ostara Classic Winter Jacket, Detachable Hood and Machine Wash [SEP] $40.14 [SEP] "
+             "B07LZWVNKR [SEP] Everkin Lite Winter Jacket, Zip Closure and Detachable Hood [SEP] $148.48 [SEP] "
+             "B0NMQC6LM7 [SEP] Zephyra Max Winter Jacket, Detachable Hood and Warm Fleece [SEP] $177.41"}),
+    (("The first result, B06P0N4E7C, is a winter jacket with a detachable hood for $41.52, under 70 dollars. "
+      "I open it to see its options.", "click[B06P0N4E7C]"),
+     {"react": "[Back to Search] \n[< Prev] \ncolor [white][olive][purple]\nsize [small][medium]\nAmberfield "
+               "Premium Winter Jacket, Detachable Hood and Water Resistant \nPrice: $41.52 \nRating: N.A. \n"
+               "[Description] \n[Features] \n[Reviews] \n[Buy Now]",
+      "sep": _WEBSHOP_SEP_HEAD + "< Prev [SEP] " + _WEBSHOP_ITEM}),
+    (("It comes in olive and in medium. I choose the color olive first.", "click[olive]"),
+     {"react": "You have clicked olive.", "sep": _WEBSHOP_SEP_HEAD + "< Prev [SEP] " + _WEBSHOP_ITEM}),
+    (("Now I choose the size medium.", "click[medium]"),
+     {"react": "You have clicked medium.", "sep": _WEBSHOP_SEP_HEAD + "< Prev [SEP] " + _WEBSHOP_ITEM}),
+    (("The color and the size match the instruction and the price is under 70 dollars. I buy it.",
+      "click[Buy Now]"),
+     {"react": "Your score (min 0.0, max 1.0): 1.0",
+      "sep": "Thank you for shopping with us! [SEP] Your score (min 0.0, max 1.0) [SEP] 1.0"}),
+)
+_WEBSHOP_SEARCH_PAGE = {
+    "react": f"WebShop \nInstruction: \n{_WEBSHOP_INSTRUCTION} \n[Search]",
+    "sep": f"WebShop [SEP] Instruction: [SEP] {_WEBSHOP_INSTRUCTION} [SEP] Search",
+}
+
+
+def webshop_example(page_format: PageFormat = "react") -> Example:
+    """The WebShop example, its pages as the environment shows them in ``page_format``."""
+    steps = tuple((thought, action, pages[page_format]) for (thought, action), pages in _WEBSHOP_TURNS)
+    return Example("fashion", _WEBSHOP_SEARCH_PAGE[page_format], steps)

@@ -1,5 +1,5 @@
-"""The ReAct prompt (system instruction + a 1-shot example of the task's type + the
-episode as chat turns) and the parser of the model's turns.
+"""The ReAct prompt (system instruction + a 1-shot example of the task's type, or WebShop's
+example + the episode as chat turns) and the parser of the model's turns.
 
 A turn is two lines, ``Thought: ...`` then ``Action: ...``. Every assistant turn in a
 chat, whether the policy wrote it or ActRe synthesized it, is rendered by ``format_turn``,
@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from a3t.agent.examples import Example, example_for
+from a3t.agent.examples import Example, PageFormat, example_for, webshop_example
 from a3t.envs.alfworld import Phrasing
 from a3t.llm.base import ACTION_LINE, Chat, label
 from a3t.trajectory import StepRecord
@@ -28,6 +28,17 @@ Each turn you see the result of your last action and answer with exactly two lin
 Thought: <your reasoning about what to do next>
 Action: <one command>
 Commands: {commands}. Name things exactly as you see them, e.g. "cabinet 1".
+
+Here is an example of a solved task.
+
+{example}"""
+
+WEBSHOP_SYSTEM = """You are an agent shopping in a web shop. You buy the product that the instruction describes.
+Each turn you see the page your last action led to and answer with exactly two lines:
+Thought: <your reasoning about what to do next>
+Action: <one action>
+Actions: search[<key words>] on the search page; click[<text>] for a button, a product's id or an option value \
+shown on the page, e.g. click[Next >] or click[Buy Now]. Choose the options the instruction asks for before you buy.
 
 Here is an example of a solved task.
 
@@ -54,9 +65,14 @@ def example_text(example: Example) -> str:
     return transcript(example.observation, example.steps)
 
 
-def react_chat(task_type: str, initial_observation: str, steps: list[StepRecord], phrasing: Phrasing = "put") -> Chat:
-    """The policy's chat: instruction and example, then the episode so far as turns."""
-    system = SYSTEM.format(commands=_COMMANDS[phrasing], example=example_text(example_for(task_type, phrasing)))
+def react_chat(task_type: str, initial_observation: str, steps: list[StepRecord], phrasing: Phrasing = "put",
+               webshop: PageFormat | None = None) -> Chat:
+    """The policy's chat: instruction and example, then the episode so far as turns. ALFWorld's
+    prompt in ``phrasing``, or (``webshop``: its page format) WebShop's."""
+    if webshop is not None:
+        system = WEBSHOP_SYSTEM.format(example=example_text(webshop_example(webshop)))
+    else:
+        system = SYSTEM.format(commands=_COMMANDS[phrasing], example=example_text(example_for(task_type, phrasing)))
     chat = [{"role": "system", "content": system}, {"role": "user", "content": initial_observation}]
     for step in steps:
         chat.append({"role": "assistant", "content": format_turn(step.thought, step.action)})
@@ -73,10 +89,17 @@ class ParsedTurn:
 _THOUGHT = re.compile(label("thought"), re.IGNORECASE | re.MULTILINE)
 
 
+_WEBSHOP_ACTION = re.compile(r"^(search|click)\s*\[(.*)\]$", re.IGNORECASE)
+
+
 def clean_action(text: str) -> str:
-    """Commands are lower case without quotes, markup or a final period."""
+    """Commands are lower case without quotes, markup or a final period. A WebShop action keeps
+    the case of its argument, as the page shows it ("click[Buy Now]", "click[B06P0N4E7C]")."""
     action = text.strip().strip("`*\"' ").strip()
     action = re.sub(r"\s+", " ", action).rstrip(".").strip()
+    webshop = _WEBSHOP_ACTION.match(action)
+    if webshop:
+        return f"{webshop.group(1).lower()}[{webshop.group(2).strip()}]"
     return action.lower()
 
 
