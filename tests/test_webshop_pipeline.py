@@ -30,6 +30,7 @@ from a3t.llm.base import Completion  # noqa: E402
 from a3t.pipeline import Workspace, success_rates, train_tasks, webshop_tasks  # noqa: E402
 from a3t.rollout import Task, rollout  # noqa: E402
 from a3t.trajectory import Trajectory, TrajectoryStore  # noqa: E402
+from test_webshop_server import server, site  # noqa: E402,F401  (a WebShop-shaped HTTP server on 127.0.0.1)
 
 SMOKE = load_config(profile="smoke", overrides=["env.name=webshop"])
 
@@ -199,6 +200,29 @@ def test_a_partial_purchase_keeps_its_real_valued_reward(tmp_path):
     rollout([Task("train/0", None, script, SMOKE.webshop)], store, None, _actre_stub(), once, SMOKE.env)
     (t,) = store.read()
     assert 0.0 < t.reward < 1.0 and not t.success and t.terminal_reason == "purchased"
+
+
+def test_webshop_server_url_plays_the_servers_goals(tmp_path, server, site):
+    """With webshop.server_url the rollout plays the server's sessions through the client: scripted
+    (the server's reward) and explored."""
+    from a3t.envs.webshop import walkthrough
+
+    cfg = load_config(profile="smoke", overrides=["env.name=webshop", f"webshop.server_url={server}",
+                                                  "pipeline.annotate_walkthroughs=0"])
+    tasks = webshop_tasks(cfg.webshop, "test", 2)
+    scripted = [Task(t.task_id, None, tuple(walkthrough(site, site.catalog.goal(f"test/{i}"))), cfg.webshop)
+                for i, t in enumerate(tasks)]
+    once = cfg.rollout.model_copy(update={"retry_max": 0, "p_explore": 1.0})
+    records = []
+    for name, played in (("annotated", scripted), ("explored", tasks)):  # one store per kind: same task ids
+        store = TrajectoryStore(tmp_path / f"{name}.jsonl")
+        rollout(played, store, None, _actre_stub(), once, cfg.env.model_copy(update={"max_steps": 15}))
+        records += list(store.read())
+    assert sorted(t.task_id for t in records) == ["fixed_0", "fixed_0", "fixed_1", "fixed_1"]
+    assert all(t.env == "webshop" for t in records)
+    assert [t.reward for t in records if t.source == "annotated"] == [1.0, 1.0]
+    explored = [t for t in records if t.source == "explored"]
+    assert len(explored) == 2 and all(s.explored and s.valid and s.thought for t in explored for s in t.steps)
 
 
 @pytest.mark.usefixtures("one_torch_thread")
