@@ -51,7 +51,7 @@ from pathlib import Path
 import torch
 from rich.console import Console
 from rich.table import Table
-from transformers import DynamicCache, StoppingCriteria, StoppingCriteriaList
+from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.utils import logging as hf_logging
 
 import a3t.rollout as rollout_module
@@ -62,7 +62,7 @@ from a3t.envs.alfworld import AlfWorldEnv
 from a3t.envs.alfworld_gen import game_jobs, generate_games
 from a3t.llm.base import stop_after_action_line
 from a3t.llm.models import default_model_path, load_model
-from a3t.llm.transformers_llm import TransformersLLM
+from a3t.llm.transformers_llm import TransformersLLM, _Batch
 from a3t.rollout import Task, rollout
 from a3t.trajectory import StepRecord, TrajectoryStore
 
@@ -97,14 +97,27 @@ def make_games(root: Path, count: int, seed: int) -> list[Path]:
 
 
 def run_ours(games, llm: TransformersLLM, cfg: RolloutConfig, env_cfg: EnvConfig, profile: str | None) -> dict:
-    forwards: list[tuple[int, int, float]] = []  # (rows, new tokens per row, seconds)
-    original_forward = llm._forward
+    forwards: list[tuple[str, int, int, float]] = []  # (phase, rows, new tokens per row, seconds)
+    phase = ["prefill"]  # prefill forwards encode prompts (and shared prefixes); decode ones one token a row
+    answers = [0]  # rows asked for a completion: each gets its first token from a prefill forward
+    original_forward, original_decode, original_complete = llm._forward, llm._decode, llm.complete
 
-    def timed_forward(input_ids, mask, cache):
+    def timed_forward(input_ids, *args, **kwargs):
         t = time.perf_counter()
-        logits = original_forward(input_ids, mask, cache)
-        forwards.append((input_ids.shape[0], input_ids.shape[1], time.perf_counter() - t))
+        logits = original_forward(input_ids, *args, **kwargs)
+        forwards.append((phase[0], input_ids.shape[0], input_ids.shape[1], time.perf_counter() - t))
         return logits
+
+    def timed_decode(*args):
+        phase[0] = "decode"
+        try:
+            return original_decode(*args)
+        finally:
+            phase[0] = "prefill"
+
+    def counted_complete(chats, *args, **kwargs):
+        answers[0] += len(chats)
+        return original_complete(chats, *args, **kwargs)
 
     starts = _Clock()
     original_start = rollout_module._start
@@ -124,7 +137,8 @@ def run_ours(games, llm: TransformersLLM, cfg: RolloutConfig, env_cfg: EnvConfig
     tasks = [Task(task_id=f"g{i}", game=Path(game)) for i, game in enumerate(games)]
     annotator = ActReAnnotator(llm, phrasing=env_cfg.phrasing)  # never asked: p_explore=0, forced off
     clock = _Clock()
-    llm._forward = timed_forward  # instance attribute: instruments this object only
+    # instance attributes: instrument this object only
+    llm._forward, llm._decode, llm.complete = timed_forward, timed_decode, counted_complete
     rollout_module._start = timed_start
     profiler = cProfile.Profile() if profile else None
     try:
@@ -139,15 +153,15 @@ def run_ours(games, llm: TransformersLLM, cfg: RolloutConfig, env_cfg: EnvConfig
                     profiler.disable()
             trajectories = {t.task_id: t for t in store.read()}
     finally:
-        del llm._forward
+        del llm._forward, llm._decode, llm.complete
         rollout_module._start = original_start
     if profiler:
         profiler.dump_stats(profile)
 
     if annotator.fallbacks or any(s.explored for t in trajectories.values() for s in t.steps):
         print("warning: ours explored (ActRe was asked): the comparison is not policy-only", file=sys.stderr)
-    prefill = [f for f in forwards if f[1] > 1]
-    decode = [f for f in forwards if f[1] == 1]
+    prefill = [f[1:] for f in forwards if f[0] == "prefill"]
+    decode = [f[1:] for f in forwards if f[0] == "decode"]
     prefill_s = sum(s for _, _, s in prefill)
     decode_s = sum(s for _, _, s in decode)
     steps = sum(len(t.steps) for t in trajectories.values())
@@ -160,13 +174,13 @@ def run_ours(games, llm: TransformersLLM, cfg: RolloutConfig, env_cfg: EnvConfig
         "prefill_s": prefill_s,
         "prefill_calls": len(prefill),
         "prefill_padded_tokens": sum(r * n for r, n, _ in prefill),
-        "prefill_rows": sum(r for r, _, _ in prefill),
+        "answer_rows": answers[0],
         "decode_s": decode_s,
         "decode_forwards": len(decode),
         "decode_step_median_s": statistics.median(s for _, _, s in decode) if decode else 0.0,
-        # Rows computed per generated token: a row that has finished rides along until the
-        # batch's last row finishes (every forward, prefill included, yields a token per active row).
-        "row_slots": sum(rows for rows, _, _ in forwards),
+        # Rows computed per generated token: a row that has finished leaves the decode batch, but
+        # one forward still serves all the rows left, however few.
+        "row_slots": answers[0] + sum(rows for rows, _, _ in decode),
         "llm_other_s": stats.llm_s - prefill_s - decode_s,  # render, tokenize, assemble/extract cache, pick, stop rule
         "env_step_s": stats.env_s,
         "env_start_s": starts.wall,  # load + reset of each game
@@ -262,15 +276,12 @@ def context_lengths(trajectories, tokenizer, phrasing) -> list[int]:
 @torch.inference_mode()
 def decode_ceiling(model, batch: int, length: int, reps: int) -> float:
     """Median seconds of one forward of 1 new token per row over a full KV cache of ``length``
-    (no padding) at batch ``batch``: the floor of a decode step's time in this model."""
-    cfg = model.config
-    heads = cfg.num_key_value_heads
-    dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    dtype = next(model.parameters()).dtype
-    cache = DynamicCache(config=cfg)
-    for layer in range(cfg.num_hidden_layers):
-        cache.update(torch.randn(batch, heads, length, dim, dtype=dtype) * 0.1,
-                     torch.randn(batch, heads, length, dim, dtype=dtype) * 0.1, layer)
+    (no padding) at batch ``batch``, in the engine's preallocated cache: the floor of a decode
+    step's time in this model."""
+    kv = _Batch(model, batch, length + reps + 2, model.device)
+    for keys, values in zip(kv.keys, kv.values):
+        keys[:, :, :length].normal_(std=0.1)
+        values[:, :, :length].normal_(std=0.1)
     ids = torch.full((batch, 1), 100, dtype=torch.long)
     times = []
     for rep in range(reps + 2):  # 2 warm-up forwards
@@ -278,7 +289,8 @@ def decode_ceiling(model, batch: int, length: int, reps: int) -> float:
         mask = torch.ones(batch, n + 1, dtype=torch.long)
         positions = torch.full((batch, 1), n, dtype=torch.long)
         t = time.perf_counter()
-        model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1)
+        model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=kv.cache(slice(0, batch), 0, n),
+              use_cache=True, logits_to_keep=1)
         times.append(time.perf_counter() - t)
     return statistics.median(times[2:])
 
@@ -377,7 +389,7 @@ def main() -> None:
     fig["ceiling_step_s_after_ours"], fig["ceiling_step_s_after_naive"] = ceiling
     fig["ceiling_tok_s"] = n / step_s
     # The first token of each row comes from the prefill's logits; the rest from decode forwards.
-    decode_tokens = ours["completion_tokens"] - ours["prefill_rows"]
+    decode_tokens = ours["completion_tokens"] - ours["answer_rows"]
     fig["ours_decode_tok_s"] = decode_tokens / ours["decode_s"] if ours["decode_s"] else 0.0
     fig["ours_fraction_of_ceiling"] = fig["ours_tok_s"] / fig["ceiling_tok_s"]
     fig["ours_decode_fraction_of_ceiling"] = fig["ours_decode_tok_s"] / fig["ceiling_tok_s"]

@@ -1,19 +1,28 @@
-"""In-process transformers backend: batched generation that reuses each episode's KV cache.
+"""In-process transformers backend: batched generation that reuses encoded prompts.
 
 A ReAct episode's prompt grows by one observation per turn, while the system prompt,
 the 1-shot example and the history stay the same. Re-encoding all of it each turn is
 what makes a naive loop slow, so each session (episode) keeps the keys and values of
-the prompt it was last given; the next call reuses the longest common token prefix
-(all of it when the chat only grew) and encodes only the rest.
+the prompt it was last given, and a new prompt starts from the longest common token
+prefix it has with any encoded prompt: its own session's (all of it when the chat only
+grew), another live session's, or a shared prefix. Rows of one call that share a long
+prefix no session holds yet (new episodes of a task type: the system prompt and the
+same 1-shot example) get it encoded once, kept as a shared prefix for later episodes.
 
-One call runs a batch of rows. Rows have different cached lengths and different new
-text, so the batch is padded on the left of each part and the padding is masked out;
-position ids count only real tokens, so a row's positions are what they would be alone.
-After the prompt is encoded, each session keeps its real positions only (the padding
-is dropped). Generated tokens are not kept: the agent writes the assistant turn back
-into the chat in its canonical "Thought: ...\nAction: ..." form, and that text is
-encoded with the next observation, so what the model conditions on is exactly what
-training will render.
+One call's keys and values live in buffers allocated once (prompt plus max_new_tokens
+columns) and written in place, every row's next token in the same column: a cache that
+grows by concatenation copies all of itself at every decode step. Rows have different
+cached lengths and different new text, so each row is padded on the left of each part
+and the padding is masked out; position ids count only real tokens, so a row's positions
+are what they would be alone. Rows whose new text differs much in length are encoded in
+separate forwards (padding costs as much as text). A row that has finished leaves the
+decode batch (the last row takes its place), so decode forwards compute only rows that
+are still generating.
+
+After the prompt is encoded, each session keeps its real positions only. Generated
+tokens are not kept: the agent writes the assistant turn back into the chat in its
+canonical "Thought: ...\\nAction: ..." form, and that text is encoded with the next
+observation, so what the model conditions on is exactly what training will render.
 """
 
 from __future__ import annotations
@@ -21,13 +30,51 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
-from transformers import DynamicCache
+from transformers import AttentionInterface
+from transformers.cache_utils import Cache, DynamicLayer
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from a3t.llm.base import Chat, Completion, Sampling, StopRule
 
+# A prefix shared by several rows of a call is encoded once when that saves at least this
+# many tokens per row; rows whose new text differs by more than this many tokens are
+# encoded in separate forwards. About the tokens one extra forward costs on a CPU.
+MIN_SHARED_TOKENS = 64
+PAD_SLACK_TOKENS = 64
+SHARED_PREFIXES = 8  # shared prefixes kept (least recently used dropped), ~35 MB each for SmolLM2
+DRAFT_TOKENS = 4  # prompt-lookup draft per row and decode step (0: one token per step)
+DRAFT_NGRAM = 3  # the draft follows the latest earlier occurrence of the row's last 3 (else 2, 1) tokens
 
-@dataclass
+
+def _attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, a3t_grouped=False, **kwargs):
+    """SDPA, except for the engine's decode forwards of a few tokens per row (``a3t_grouped``):
+    there the queries of each key/value head are grouped and attend with two matmuls. SDPA
+    would copy every key/value head ``heads / kv_heads`` times (grouped-query attention with
+    a mask and more than one query), and its CPU kernel is slow for a few queries over a long
+    cache: 2-3x the cost of the whole forward's linear layers at 5 tokens per row."""
+    if not a3t_grouped:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    rows, heads, queries, dim = query.shape
+    group = heads // key.shape[1]  # heads g*group ... g*group+group-1 read key/value head g
+    scores = torch.matmul(query.reshape(rows, key.shape[1], group * queries, dim), key.transpose(-1, -2))
+    scores = scores * (dim**-0.5 if scaling is None else scaling)
+    if attention_mask is not None:  # rows x 1 x queries x keys, the same for every head
+        scores.masked_fill_(~attention_mask.repeat(1, 1, group, 1), float("-inf"))
+    out = torch.matmul(scores.softmax(-1), value).reshape(rows, heads, queries, dim)
+    return out.transpose(1, 2).contiguous(), None
+
+
+# Registered under its own name; a model the backend drives is switched to it only if it used SDPA.
+# Calls without a3t_grouped (anyone else sharing the model object) run the stock SDPA path.
+AttentionInterface.register("a3t_sdpa", _attention)
+AttentionMaskInterface.register("a3t_sdpa", sdpa_mask)
+
+
+@dataclass(eq=False)  # compared by identity: the shared-prefix list finds an entry by its object
 class _Session:
     ids: list[int]  # the prompt tokens that keys/values encode
     keys: list[torch.Tensor]  # per layer: [kv_heads, length, head_dim]
@@ -49,12 +96,128 @@ class _Session:
 def _common_prefix(a: list[int], b: list[int], limit: int) -> int:
     """Length of the common prefix of a and b, at most limit (at least one new token must be
     encoded to get the next-token logits)."""
-    n = 0
-    for x, y in zip(a, b):
-        if x != y or n >= limit:
-            break
-        n += 1
-    return n
+    n = min(len(a), len(b), limit)
+    if n <= 0:
+        return 0
+    differ = np.flatnonzero(np.asarray(a[:n]) != np.asarray(b[:n]))
+    return int(differ[0]) if differ.size else n
+
+
+class _BufferLayer(DynamicLayer):
+    """One layer's cache for one forward, over columns [start, end) of preallocated
+    buffers (rows x kv_heads x columns x head_dim): the forward's new keys and values are
+    written in place after ``end``."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, start: int, end: int):
+        super().__init__()
+        self.buffers, self.start, self.end = (keys, values), start, end
+        self.is_initialized = True
+        self.keys, self.values = keys[:, :, start:end], values[:, :, start:end]
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        keys, values = self.buffers
+        end = self.end + key_states.shape[-2]
+        keys[:, :, self.end : end] = key_states
+        values[:, :, self.end : end] = value_states
+        self.end = end
+        self.keys, self.values = keys[:, :, self.start : end], values[:, :, self.start : end]
+        return self.keys, self.values
+
+
+class _Batch:
+    """The keys and values of one call's rows. Every row's prompt ends at column ``end``
+    (left padding), so each decode step writes one column for all rows. Rows [0, active)
+    are still generating; ``order[slot]`` is the call's row index held in a slot."""
+
+    def __init__(self, model, rows: int, columns: int, device):
+        cfg = model.config
+        shape = (rows, cfg.num_key_value_heads, columns,
+                 getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
+        dtype = model.get_input_embeddings().weight.dtype  # hidden states, hence keys, have its dtype
+        # Zeros, not empty: a masked column is still multiplied by 0 in attention, and garbage could be NaN.
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
+        self.mask = torch.zeros(rows, columns, dtype=torch.long, device=device)
+        self.lengths = torch.zeros(rows, dtype=torch.long, device=device)  # real tokens per slot
+        self.order = list(range(rows))
+        self.active = rows
+        self.end = 0
+
+    def cache(self, rows: slice, start: int, end: int) -> Cache:
+        return Cache(layers=[_BufferLayer(k[rows], v[rows], start, end) for k, v in zip(self.keys, self.values)])
+
+    def put_past(self, slot: int, past: _Session, end: int) -> None:
+        """A row's cached keys/values, ending at column ``end``."""
+        for layer, (keys, values) in enumerate(zip(self.keys, self.values)):
+            keys[slot, :, end - past.length : end] = past.keys[layer]
+            values[slot, :, end - past.length : end] = past.values[layer]
+        self.mask[slot, end - past.length : end] = 1
+
+    def session(self, slot: int, ids: list[int]) -> _Session:
+        """A copy of a slot's real (unpadded) keys/values: ``ids``'s encoding."""
+        real = self.mask[slot, : self.end].nonzero().squeeze(-1)
+        return _Session(ids=ids, keys=[k[slot].index_select(1, real) for k in self.keys],
+                        values=[v[slot].index_select(1, real) for v in self.values])
+
+    def compact(self) -> None:
+        """Close the holes that rejected draft tokens left: every active row's real columns move
+        right-aligned to a new, smaller ``end``."""
+        reals = [self.mask[slot, : self.end].nonzero().squeeze(-1) for slot in range(self.active)]
+        end = max(len(real) for real in reals)
+        for slot, real in enumerate(reals):
+            for keys, values in zip(self.keys, self.values):
+                keys[slot, :, end - len(real) : end] = keys[slot].index_select(1, real)
+                values[slot, :, end - len(real) : end] = values[slot].index_select(1, real)
+            self.mask[slot] = 0
+            self.mask[slot, end - len(real) : end] = 1
+        self.end = end
+
+    def drop(self, slot: int) -> None:
+        """Take a finished row out of the decode batch: the last active row moves into its slot."""
+        last = self.active - 1
+        if slot != last:
+            for keys, values in zip(self.keys, self.values):
+                keys[slot, :, : self.end] = keys[last, :, : self.end]
+                values[slot, :, : self.end] = values[last, :, : self.end]
+            self.mask[slot, : self.end] = self.mask[last, : self.end]
+            self.lengths[slot] = self.lengths[last]
+            self.order[slot] = self.order[last]
+        self.active = last
+
+
+def _groups(lengths: list[int], slack: int) -> list[list[int]]:
+    """Rows (indices into lengths) in groups of similar length, longest first: one forward
+    each, padded to its longest row."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    groups: list[list[int]] = []
+    for i in order:
+        if groups and lengths[groups[-1][0]] - lengths[i] <= slack:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
+def _shared_prefixes(prompts: list[list[int]], cached: list[int], min_shared: int) -> list[list[int]]:
+    """Prefixes that several prompts share, each at least ``min_shared`` tokens longer than
+    what those prompts already have cached (``cached[i]`` tokens). In sorted order, prompts
+    that share a prefix are neighbours; every run of neighbours whose common prefixes are
+    all >= v shares v tokens (a prefix tree: the system prompt for all, an example for the
+    prompts of one task type, ...). Shortest first: a longer one builds on a shorter one."""
+    order = sorted(range(len(prompts)), key=lambda i: prompts[i])
+    common = [_common_prefix(prompts[a], prompts[b], min(len(prompts[a]), len(prompts[b])) - 1)
+              for a, b in zip(order, order[1:])]
+    found: dict[tuple[int, ...], None] = {}
+    for i, v in enumerate(common):
+        lo, hi = i, i + 1  # the run of prompts order[lo..hi] sharing v tokens
+        while lo > 0 and common[lo - 1] >= v:
+            lo -= 1
+        while hi < len(common) and common[hi] >= v:
+            hi += 1
+        rows = order[lo : hi + 1]
+        if v - max(cached[r] for r in rows) >= min_shared:
+            found[tuple(prompts[rows[0]][:v])] = None
+    return sorted((list(p) for p in found), key=len)
 
 
 class TransformersLLM:
@@ -70,6 +233,7 @@ class TransformersLLM:
         name: str | None = None,
         model=None,
         tokenizer=None,
+        draft_tokens: int = DRAFT_TOKENS,
     ):
         if model is None:
             from a3t.llm.models import load_model
@@ -80,10 +244,15 @@ class TransformersLLM:
         self.adapter = str(adapter) if adapter else None
         self.device = next(model.parameters()).device
         self._sessions: dict[str, _Session] = {}
+        self._prefixes: list[_Session] = []  # shared prefixes, least recently used first
         eos = model.generation_config.eos_token_id
         eos = eos if isinstance(eos, list) else [eos]
         self._end_ids = {i for i in eos + [tokenizer.eos_token_id] if i is not None}
         self._pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(self._end_ids))
+        self.draft_tokens = draft_tokens
+        self._grouped = model.config._attn_implementation == "sdpa"  # else drafts go through the model's own
+        if self._grouped:
+            model.set_attn_implementation("a3t_sdpa")
 
     def release(self, sessions: list[str]) -> None:
         for session in sessions:
@@ -106,87 +275,131 @@ class TransformersLLM:
         # Tokenize the whole chat (cheap next to the model), as training will, so the
         # tokens the model sees are exactly the ones it is later trained on.
         prompts = [self.tokenizer(self.render(chat), add_special_tokens=False)["input_ids"] for chat in chats]
-        pasts: list[_Session | None] = []
-        new_ids: list[list[int]] = []
-        for ids, session in zip(prompts, sessions):
-            past = self._sessions.get(session) if session else None
-            if past is not None:
-                past = past.truncated(_common_prefix(past.ids, ids, limit=len(ids) - 1))
-            pasts.append(past)
-            new_ids.append(ids[len(past.ids) :] if past else ids)
+        while True:  # shared prefixes shortest first (a longer one starts from a shorter one), then the rows
+            pasts = [self._past(ids, session) for ids, session in zip(prompts, sessions)]
+            prefixes = _shared_prefixes(prompts, [p.length if p else 0 for p in pasts], MIN_SHARED_TOKENS)
+            if not prefixes:
+                break
+            self._share([p for p in prefixes if not any(len(q) < len(p) and p[: len(q)] == q for q in prefixes)])
+        new_ids = [ids[past.length :] if past else ids for ids, past in zip(prompts, pasts)]
 
-        cache, mask = self._assemble(pasts)
-        logits, mask = self._prefill(new_ids, cache, mask)
-        for b, session in enumerate(sessions):
-            if session:
-                self._sessions[session] = self._extract(cache, mask, b, prompts[b])
-        return self._decode(logits, cache, mask, sampling, stop, [len(ids) for ids in new_ids])
+        # Room for the turn; rejected draft tokens leave holes, closed (compact) if it runs out.
+        batch, logits = self._prefill(pasts, new_ids, extra_columns=2 * sampling.max_new_tokens + self.draft_tokens)
+        for slot, row in enumerate(batch.order):
+            if sessions[row]:
+                self._sessions[sessions[row]] = batch.session(slot, prompts[row])
+        completions = self._decode(batch, logits[:, -1], sampling, stop, prompts)
+        return [Completion(c.text, len(ids), c.completion_tokens, c.stopped) for c, ids in zip(completions, new_ids)]
 
-    def _assemble(self, pasts: list[_Session | None]) -> tuple[DynamicCache, torch.Tensor]:
-        """Stack the rows' cached keys/values, left-padded to the longest."""
-        cache = DynamicCache(config=self.model.config)
-        longest = max((p.length for p in pasts if p), default=0)
-        mask = torch.zeros(len(pasts), longest, dtype=torch.long, device=self.device)
-        if longest == 0:
-            return cache, mask
-        template = next(p for p in pasts if p)
-        for layer in range(len(template.keys)):
-            heads, _, dim = template.keys[layer].shape
-            keys = template.keys[layer].new_zeros(len(pasts), heads, longest, dim)
-            values = torch.zeros_like(keys)
-            for b, past in enumerate(pasts):
-                if past:
-                    keys[b, :, longest - past.length :] = past.keys[layer]
-                    values[b, :, longest - past.length :] = past.values[layer]
-            cache.update(keys, values, layer)
-        for b, past in enumerate(pasts):
-            if past:
-                mask[b, longest - past.length :] = 1
-        return cache, mask
+    def _past(self, ids: list[int], session: str | None) -> _Session | None:
+        """The longest encoded prefix of ``ids``: the session's own, another session's, or a shared one."""
+        own = self._sessions.get(session) if session else None
+        candidates = ([own] if own else []) + list(self._sessions.values()) + self._prefixes[::-1]
+        best, best_n = None, 0
+        for candidate in candidates:
+            n = _common_prefix(candidate.ids, ids, limit=len(ids) - 1)
+            if n > best_n:
+                best, best_n = candidate, n
+        if best in self._prefixes:  # used: most recently
+            self._prefixes.remove(best)
+            self._prefixes.append(best)
+        return best.truncated(best_n) if best else None
 
-    def _forward(self, input_ids: torch.Tensor, mask: torch.Tensor, cache: DynamicCache) -> torch.Tensor:
-        # Positions count real tokens only, so padding anywhere in the row changes nothing.
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -input_ids.shape[1] :]
+    def _share(self, prefixes: list[list[int]]) -> None:
+        """Encode prefixes that several rows share, and keep them for any later prompt."""
+        pasts = [self._past(ids, None) for ids in prefixes]
+        batch, _ = self._prefill(pasts, [ids[past.length :] if past else ids for ids, past in zip(prefixes, pasts)])
+        for slot, row in enumerate(batch.order):
+            self._prefixes.append(batch.session(slot, prefixes[row]))
+        del self._prefixes[:-SHARED_PREFIXES]
+
+    def _prefill(self, pasts: list[_Session | None], new_ids: list[list[int]], extra_columns: int = 0):
+        """Encode every row's new tokens after its past, in groups of similar length; returns the
+        batch (slots in group order) and each slot's next-token logits."""
+        groups = _groups([len(ids) for ids in new_ids], PAD_SLACK_TOKENS)
+        # per group: the longest past and the longest new part; all prompts end at column `end`
+        widths = [(max((pasts[r].length for r in g if pasts[r]), default=0), max(len(new_ids[r]) for r in g))
+                  for g in groups]
+        end = max(p + n for p, n in widths)
+        batch = _Batch(self.model, len(new_ids), end + extra_columns, self.device)
+        batch.order = [row for g in groups for row in g]
+        logits, first = [], 0
+        for group, (past_width, width) in zip(groups, widths):
+            slots = slice(first, first + len(group))
+            input_ids = torch.full((len(group), width), self._pad_id, dtype=torch.long, device=self.device)
+            for i, row in enumerate(group):
+                if pasts[row]:
+                    batch.put_past(first + i, pasts[row], end - width)
+                ids = new_ids[row]
+                input_ids[i, width - len(ids) :] = torch.tensor(ids, device=self.device)
+                batch.mask[first + i, end - len(ids) : end] = 1
+            start = end - width - past_width
+            mask = batch.mask[slots, start:end]
+            # Positions count real tokens only, so padding anywhere in the row changes nothing.
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -width:]
+            logits.append(self._forward(input_ids, mask, positions, batch.cache(slots, start, end - width)))
+            first += len(group)
+        batch.end = end
+        batch.lengths = batch.mask[:, :end].sum(-1)
+        return batch, torch.cat(logits)  # rows x 1 x vocabulary
+
+    def _forward(self, input_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Cache,
+                 keep: int = 1) -> torch.Tensor:
+        """Logits (float) of each row's last ``keep`` positions: rows x keep x vocabulary."""
         out = self.model(
             input_ids=input_ids,
             attention_mask=mask,
             position_ids=positions,
             cache=cache,
             use_cache=True,
-            logits_to_keep=1,
+            logits_to_keep=keep,
+            a3t_grouped=self._grouped and input_ids.shape[1] > 1 and keep > 1,
         )
-        return out.logits[:, -1, :].float()
-
-    def _prefill(self, new_ids: list[list[int]], cache: DynamicCache, mask: torch.Tensor):
-        width = max(len(ids) for ids in new_ids)
-        input_ids = torch.full((len(new_ids), width), self._pad_id, dtype=torch.long, device=self.device)
-        new_mask = torch.zeros_like(input_ids)
-        for b, ids in enumerate(new_ids):
-            if ids:
-                input_ids[b, width - len(ids) :] = torch.tensor(ids, device=self.device)
-                new_mask[b, width - len(ids) :] = 1
-        mask = torch.cat([mask, new_mask], dim=1)
-        return self._forward(input_ids, mask, cache), mask
+        return out.logits.float()
 
     @staticmethod
-    def _extract(cache: DynamicCache, mask: torch.Tensor, b: int, ids: list[int]) -> _Session:
-        real = mask[b].nonzero().squeeze(-1)
-        keys = [layer.keys[b].index_select(1, real) for layer in cache.layers]
-        values = [layer.values[b].index_select(1, real) for layer in cache.layers]
-        return _Session(ids=ids, keys=keys, values=values)
-
-    def _pick(self, logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None) -> torch.Tensor:
-        if sampling.temperature <= 0:
-            return logits.argmax(-1)
+    def _probs(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
         probs = torch.softmax(logits / sampling.temperature, dim=-1)
         if sampling.top_p < 1.0:
             sorted_probs, order = probs.sort(dim=-1, descending=True)
             outside = sorted_probs.cumsum(-1) - sorted_probs > sampling.top_p
             sorted_probs[outside] = 0.0
             probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
-        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+            probs = probs / probs.sum(-1, keepdim=True)
+        return probs
 
-    def _decode(self, logits, cache, mask, sampling: Sampling, stop: StopRule | None, prompt_tokens: list[int]):
+    def _verify(self, logits: torch.Tensor, drafts: list[list[int]], sampling: Sampling, generator) -> list[list[int]]:
+        """The tokens each slot takes from one forward over [its last token, its draft]: the
+        draft's tokens as long as they are what the model picks, then the model's own token.
+        Greedy: a draft token is kept if it is the argmax. Sampling: kept with the probability
+        the model gives it, else the next token is drawn with that token excluded; this is
+        speculative sampling with a one-token draft distribution, so every token is distributed
+        as if it had been sampled alone."""
+        if sampling.temperature <= 0:
+            best = logits.argmax(-1).tolist()
+            picks = []
+            for draft, row in zip(drafts, best):
+                n = 0
+                while n < len(draft) and draft[n] == row[n]:
+                    n += 1
+                picks.append(draft[:n] + [row[n]])
+            return picks
+        picks = []
+        for draft, row in zip(drafts, logits):
+            probs = self._probs(row[: len(draft) + 1], sampling)
+            taken: list[int] = []
+            for n, token in enumerate(draft):
+                if torch.rand(1, generator=generator, device=self.device).item() >= probs[n, token].item():
+                    rest = probs[n].clone()
+                    rest[token] = 0.0
+                    break
+                taken.append(token)
+            else:
+                rest = probs[len(draft)]
+            picks.append(taken + [torch.multinomial(rest, 1, generator=generator).item()])
+        return picks
+
+    def _decode(self, batch: _Batch, logits, sampling: Sampling, stop: StopRule | None, prompts: list[list[int]]):
         rows = logits.shape[0]
         generator = None
         if sampling.temperature > 0 and sampling.seed is not None:
@@ -194,26 +407,74 @@ class TransformersLLM:
         generated: list[list[int]] = [[] for _ in range(rows)]
         texts = [""] * rows
         stopped = [False] * rows
-        active = torch.ones(rows, dtype=torch.bool, device=self.device)
-        for step in range(sampling.max_new_tokens):
-            tokens = self._pick(logits, sampling, generator)
-            for b in active.nonzero().squeeze(-1).tolist():
-                token = tokens[b].item()
-                if token in self._end_ids:
-                    stopped[b], active[b] = True, False
+        if sampling.max_new_tokens <= 0:
+            batch.active = 0
+        # picks[slot]: the tokens a slot's last forward gave it; the last of them is not in the cache yet
+        picks = self._verify(logits.unsqueeze(1), [[]] * rows, sampling, generator)
+        while True:
+            finished = []
+            for slot in range(batch.active):
+                row = batch.order[slot]
+                for token in picks[slot]:
+                    if token in self._end_ids:
+                        stopped[row] = True
+                        break
+                    generated[row].append(token)
+                    texts[row] = self.tokenizer.decode(generated[row], skip_special_tokens=True)
+                    cut = stop(texts[row]) if stop else None
+                    if cut is not None:
+                        texts[row], stopped[row] = texts[row][:cut], True
+                        break
+                    if len(generated[row]) >= sampling.max_new_tokens:
+                        break
+                else:
                     continue
-                generated[b].append(token)
-                text = self.tokenizer.decode(generated[b], skip_special_tokens=True)
-                cut = stop(text) if stop else None
-                if cut is not None:
-                    text, stopped[b], active[b] = text[:cut], True, False
-                texts[b] = text
-            if not active.any() or step == sampling.max_new_tokens - 1:
+                finished.append(slot)
+            for slot in reversed(finished):  # from the back: a moved row is never one still to drop
+                batch.drop(slot)
+                picks[slot] = picks[batch.active]
+            if batch.active == 0:
                 break
-            step_ids = torch.where(active, tokens, torch.full_like(tokens, self._pad_id)).unsqueeze(-1)
-            mask = torch.cat([mask, active.long().unsqueeze(-1)], dim=1)
-            logits = self._forward(step_ids, mask, cache)
-        return [
-            Completion(text=texts[b], prompt_tokens=prompt_tokens[b], completion_tokens=len(generated[b]), stopped=stopped[b])
-            for b in range(rows)
-        ]
+            active = slice(0, batch.active)
+            # Each row's draft: what followed the latest earlier occurrence of its last tokens in its
+            # prompt or generation (ReAct turns copy names and phrases from the observations).
+            drafts = [_draft(prompts[row] + generated[row], self._draft_budget(generated[row], sampling))
+                      for row in batch.order[: batch.active]]
+            width = 1 + max(len(draft) for draft in drafts)
+            if batch.end + width > batch.mask.shape[1]:
+                batch.compact()
+            input_ids = torch.full((batch.active, width), self._pad_id, dtype=torch.long, device=self.device)
+            for slot, draft in enumerate(drafts):
+                tokens = [picks[slot][-1]] + draft
+                input_ids[slot, : len(tokens)] = torch.tensor(tokens, device=self.device)
+                batch.mask[slot, batch.end : batch.end + len(tokens)] = 1
+            mask = batch.mask[active, : batch.end + width]
+            positions = batch.lengths[active].unsqueeze(-1) + torch.arange(width, device=self.device)
+            logits = self._forward(input_ids, mask, positions, batch.cache(active, 0, batch.end), keep=width)
+            picks = self._verify(logits, drafts, sampling, generator)
+            for slot, (draft, taken) in enumerate(zip(drafts, picks)):
+                # in the cache now: the last token and the draft tokens kept; rejected ones are holes
+                batch.mask[slot, batch.end + len(taken) : batch.end + 1 + len(draft)] = 0
+                batch.lengths[slot] += len(taken)
+            batch.end += width
+        return [Completion(text=texts[b], prompt_tokens=0, completion_tokens=len(generated[b]), stopped=stopped[b])
+                for b in range(rows)]
+
+    def _draft_budget(self, generated: list[int], sampling: Sampling) -> int:
+        """Draft tokens worth checking: the row can take at most max_new_tokens - 1 more after the next."""
+        return max(0, min(self.draft_tokens, sampling.max_new_tokens - len(generated) - 1))
+
+
+def _draft(context: list[int], budget: int) -> list[int]:
+    """Prompt lookup: the (up to ``budget``) tokens that followed the latest earlier
+    occurrence of the context's last DRAFT_NGRAM tokens (else fewer); none if none occurs."""
+    if budget <= 0 or len(context) < 2:
+        return []
+    ids = np.asarray(context)
+    for n in range(min(DRAFT_NGRAM, len(ids) - 1), 0, -1):
+        windows = np.lib.stride_tricks.sliding_window_view(ids[:-1], n)  # each ends before the last token
+        hits = np.flatnonzero((windows == ids[-n:]).all(axis=1))
+        if hits.size:
+            start = hits[-1] + n
+            return ids[start : start + budget].tolist()
+    return []
