@@ -106,6 +106,16 @@ class WebShopConfig(_Section):
     )
     server_timeout_s: float = Field(30.0, gt=0, description="Seconds to wait for one page of the WebShop server.")
 
+    @model_validator(mode="after")
+    def _a_shop_that_can_be_built(self) -> WebShopConfig:
+        if (self.items_path is None) != (self.attributes_path is None):
+            raise ValueError("WebShop's own catalogue needs both items_path (items_shuffle*.json) and "
+                             "attributes_path (items_ins_v2*.json)")
+        if self.items_path is None and self.products < self.train_goals + self.test_goals:
+            raise ValueError(f"products: {self.products} products cannot carry {self.train_goals} train and "
+                             f"{self.test_goals} test goals (one goal per product)")
+        return self
+
 
 class LLMConfig(_Section):
     backend: Literal["transformers", "openai"] = Field(
@@ -358,6 +368,6 @@ def load_config(
                 problems.append(err["msg"].removeprefix("Value error, "))
                 continue
             where = ".".join(str(part) for part in err["loc"])
-            problem = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+            problem = "unknown key" if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
             problems.append(f"{where}: {problem} (got {err['input']!r})")
         raise ConfigError(f"{source}: " + "; ".join(problems)) from None

@@ -1,9 +1,9 @@
 """The steps of a self-improvement round, as plain functions over a workspace.
 
-Round k: (round 0: ActRe-annotated walkthroughs) → the policy plays the train tasks (first
-attempts: ALFWorld games, or WebShop goals with ``env.name=webshop``) → failed tasks are retried with A3T exploration → the training set is filtered
-from every round so far → (versioned by DVC) → a QLoRA adapter is trained → it is
-evaluated. Each step reads the files the previous one wrote and is safe to rerun: stores
+Round k: (round 0: ActRe-annotated walkthroughs) → the policy plays the train tasks (ALFWorld
+games, or WebShop goals with ``env.name=webshop``; first attempts) → failed tasks are retried
+with A3T exploration → the training set is filtered from every round so far → (versioned by
+DVC) → a QLoRA adapter is trained → it is evaluated. Each step reads the files the previous one wrote and is safe to rerun: stores
 skip finished episodes, training resumes from its last checkpoint and returns at once when
 its adapter is there, and the round is finished when ``round.json`` is written. The Prefect
 tasks in ``tasks/`` wrap one function each; nothing here imports Prefect or MLflow.
@@ -25,11 +25,14 @@ import shutil
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from a3t.config import Config
-from a3t.config import WebShopConfig
+from a3t.config import Config, WebShopConfig
 from a3t.progress import rollout_bar
 from a3t.trajectory import Trajectory, TrajectoryStore
+
+if TYPE_CHECKING:
+    from a3t.rollout import Task
 
 TRAIN_SET = "train_set.jsonl"
 
@@ -137,7 +140,7 @@ def train_games(cfg: Config, ws: Workspace) -> list[Path]:
     return spread_over_task_types(find_games(ws.path(cfg.games.root), "train"), cfg.pipeline.train_tasks)
 
 
-def webshop_tasks(shop: WebShopConfig, split: str, limit: int | None = None):
+def webshop_tasks(shop: WebShopConfig, split: str, limit: int | None = None) -> list[Task]:
     """The first ``limit`` goals of a WebShop split: the local shop's (<split>/<index>), or the
     WebShop server's sessions (fixed_<index>) when ``shop.server_url`` is set."""
     from a3t.envs import shop_site
@@ -151,7 +154,7 @@ def webshop_tasks(shop: WebShopConfig, split: str, limit: int | None = None):
     return [Task(task_id, None, shop=shop) for task_id in ids]
 
 
-def train_tasks(cfg: Config, ws: Workspace):
+def train_tasks(cfg: Config, ws: Workspace) -> list[Task]:
     """The train tasks a round plays: the first ``pipeline.train_tasks`` train games (spread over
     task types) or WebShop train goals."""
     from a3t.rollout import task_for

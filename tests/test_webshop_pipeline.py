@@ -86,6 +86,8 @@ def test_one_setting_switches_to_webshop_and_alfworld_stays_as_it_was():
     (["env.name=webshop", "webshop.server_url=http://127.0.0.1:3000"], "set pipeline.annotate_walkthroughs=0"),
     (["env.name=shop"], "env.name: Input should be 'alfworld' or 'webshop'"),
     (["webshop.observation_format=html"], "webshop.observation_format: Input should be 'sep' or 'react'"),
+    (["webshop.products=10"], "webshop: products: 10 products cannot carry 1500 train and 500 test goals"),
+    (["webshop.items_path=items.json"], "webshop: WebShop's own catalogue needs both items_path"),
 ])
 def test_config_errors_name_the_key(overrides, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
