@@ -273,7 +273,7 @@ def test_dvc_stages_call_the_cli_beside_the_versioned_pointers(workspace):
     finally:
         repo.close()
     assert stages["games"].cmd == "a3t games generate --profile default"
-    assert stages["round"].cmd == "a3t round --profile default --round 0 pipeline.campaign=default"
+    assert stages["round"].cmd == "a3t round --profile default --round 0 pipeline.campaign=default env.name=alfworld"
     assert {"data/games.dvc", "data/trajectories.dvc"} <= set(stages)
 
 
