@@ -4,7 +4,9 @@ Measured in one run, on the same generated games, with the same model, seed, gre
 decoding, ``max_new_tokens`` and step limit:
 
 1. ours: ``a3t.rollout.rollout()`` with ``parallel_episodes`` episodes at once (every
-   policy call one batch, each episode's KV cache reused between turns). The A3T rollout
+   policy call one batch, each episode's KV cache reused between turns, prefixes shared by
+   several episodes encoded once, prompt-lookup drafts checked in the decode forwards:
+   ``--draft-tokens 0`` turns those off; greedy text is the same either way). The A3T rollout
    settings, except: p_explore=0 and forced exploration off (so both sides only ask the
    policy, never ActRe), temperature 0, and no retries of failed games (both sides play
    each game once);
@@ -31,7 +33,7 @@ not get its cores is flagged "contended" (with 2 torch threads on 2 busy cores, 
 forward can get 10-40x slower; ``--threads 1`` is then the steadier measurement).
 
 Run:  python benchmarks/rollout_speed.py [--quick] [--model PATH] [--parallel N] [--steps N]
-      [--max-new-tokens N] [--threads N] [--games DIR] [--profile FILE]
+      [--max-new-tokens N] [--threads N] [--draft-tokens N] [--games DIR] [--profile FILE]
 The last line of stdout is one JSON object with the figures (DESIGN.md §5).
 """
 
@@ -62,7 +64,7 @@ from a3t.envs.alfworld import AlfWorldEnv
 from a3t.envs.alfworld_gen import game_jobs, generate_games
 from a3t.llm.base import stop_after_action_line
 from a3t.llm.models import default_model_path, load_model
-from a3t.llm.transformers_llm import TransformersLLM, _Batch
+from a3t.llm.transformers_llm import DRAFT_TOKENS, TransformersLLM, _Batch
 from a3t.rollout import Task, rollout
 from a3t.trajectory import StepRecord, TrajectoryStore
 
@@ -178,8 +180,7 @@ def run_ours(games, llm: TransformersLLM, cfg: RolloutConfig, env_cfg: EnvConfig
         "decode_s": decode_s,
         "decode_forwards": len(decode),
         "decode_step_median_s": statistics.median(s for _, _, s in decode) if decode else 0.0,
-        # Rows computed per generated token: a row that has finished leaves the decode batch, but
-        # one forward still serves all the rows left, however few.
+        # Row-forwards: each asked row once in a prefill forward, then once per decode forward it was in.
         "row_slots": answers[0] + sum(rows for rows, _, _ in decode),
         "llm_other_s": stats.llm_s - prefill_s - decode_s,  # render, tokenize, assemble/extract cache, pick, stop rule
         "env_step_s": stats.env_s,
@@ -309,6 +310,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--profile", metavar="FILE", help="write a cProfile of our rollout to FILE")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's, one per core)")
+    parser.add_argument("--draft-tokens", type=int, default=DRAFT_TOKENS,
+                        help=f"ours: prompt-lookup draft tokens per row and decode step (default {DRAFT_TOKENS}, 0: off)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -342,7 +345,7 @@ def main() -> None:
         "retry_max": 0,  # each game played once, as the naive loop does
         "seed": args.seed,
     })
-    llm = TransformersLLM(model=model, tokenizer=tokenizer, name=model_path.name)
+    llm = TransformersLLM(model=model, tokenizer=tokenizer, name=model_path.name, draft_tokens=args.draft_tokens)
 
     console.print(f"ours: {n} games, {n} episodes at once, <= {steps} steps, <= {max_new_tokens} new tokens a turn")
     ours = run_ours(games, llm, cfg, env_cfg, args.profile)
@@ -365,7 +368,7 @@ def main() -> None:
 
     fig = {"bench": "rollout_speed", "quick": args.quick, "model": model_path.name, "games": len(games),
            "parallel": n, "steps_limit": steps, "max_new_tokens": max_new_tokens,
-           "torch_threads": torch.get_num_threads()}
+           "torch_threads": torch.get_num_threads(), "draft_tokens": args.draft_tokens}
     for name, side in (("ours", ours), ("naive", naive)):
         fig[f"{name}_steps"] = side["env_steps"]
         fig[f"{name}_tokens"] = side["completion_tokens"]
@@ -393,7 +396,10 @@ def main() -> None:
     fig["ours_decode_tok_s"] = decode_tokens / ours["decode_s"] if ours["decode_s"] else 0.0
     fig["ours_fraction_of_ceiling"] = fig["ours_tok_s"] / fig["ceiling_tok_s"]
     fig["ours_decode_fraction_of_ceiling"] = fig["ours_decode_tok_s"] / fig["ceiling_tok_s"]
-    fig["ours_row_slot_use"] = ours["completion_tokens"] / max(ours["row_slots"], 1)
+    # Generated tokens per row per forward: below 1 when finished rows ride along, above 1 when
+    # drafts are accepted (a decode forward then gives a row several tokens; so can the
+    # fraction of the one-token-a-row ceiling exceed 100%).
+    fig["ours_tokens_per_row_forward"] = ours["completion_tokens"] / max(ours["row_slots"], 1)
     for key in ("prefill_s", "prefill_calls", "prefill_padded_tokens", "decode_s", "decode_forwards",
                 "decode_step_median_s", "llm_other_s", "env_step_s", "env_start_s", "other_s", "turn_median_s"):
         fig[f"ours_{key}"] = ours[key]
@@ -424,7 +430,7 @@ def main() -> None:
     out.print(f"decode ceiling (batch {n}, context {context}): {fig['ceiling_step_s']} s/forward = "
               f"{fig['ceiling_tok_s']} tok/s; ours {fig['ours_fraction_of_ceiling']:.0%} of it overall, "
               f"{fig['ours_decode_fraction_of_ceiling']:.0%} over decode forwards "
-              f"({fig['ours_row_slot_use']:.0%} of batch rows busy)")
+              f"({fig['ours_tokens_per_row_forward']:.2f} tokens per row and forward)")
     out.print(f"ours' {fig['ours_wall_s']} s: prefill {fig['ours_prefill_s']} ({fig['ours_prefill_calls']} calls, "
               f"{fig['ours_prefill_padded_tokens']} padded tokens), decode {fig['ours_decode_s']} "
               f"({fig['ours_decode_forwards']} forwards, median {fig['ours_decode_step_median_s']} s), "

@@ -9,8 +9,8 @@ grew), another live session's, or a shared prefix. Rows of one call that share a
 prefix no session holds yet (new episodes of a task type: the system prompt and the
 same 1-shot example) get it encoded once, kept as a shared prefix for later episodes.
 
-One call's keys and values live in buffers allocated once (prompt plus max_new_tokens
-columns) and written in place, every row's next token in the same column: a cache that
+One call's keys and values live in buffers allocated once (the prompt plus room for the
+turn) and written in place, every row's next token in the same column: a cache that
 grows by concatenation copies all of itself at every decode step. Rows have different
 cached lengths and different new text, so each row is padded on the left of each part
 and the padding is masked out; position ids count only real tokens, so a row's positions
@@ -18,6 +18,14 @@ are what they would be alone. Rows whose new text differs much in length are enc
 separate forwards (padding costs as much as text). A row that has finished leaves the
 decode batch (the last row takes its place), so decode forwards compute only rows that
 are still generating.
+
+A decode forward on a CPU costs about the same for one token per row as for a few: it is
+bound by reading the weights. So each row also feeds a draft of the next tokens, what
+followed the latest earlier occurrence of its last tokens in its prompt or generation
+(prompt lookup: a ReAct turn copies object names and phrases from the observations), and
+keeps the draft tokens the model would have picked itself, plus the model's next one.
+Greedy text is unchanged; sampling stays exact (speculative sampling). Rejected draft
+tokens leave masked holes in the cache, closed when the room runs out.
 
 After the prompt is encoded, each session keeps its real positions only. Generated
 tokens are not kept: the agent writes the assistant turn back into the chat in its
@@ -45,6 +53,7 @@ from a3t.llm.base import Chat, Completion, Sampling, StopRule
 MIN_SHARED_TOKENS = 64
 PAD_SLACK_TOKENS = 64
 SHARED_PREFIXES = 8  # shared prefixes kept (least recently used dropped), ~35 MB each for SmolLM2
+SHARE_ROUNDS = 3  # levels of shared prefixes encoded per call: system prompt, example, ...
 DRAFT_TOKENS = 4  # prompt-lookup draft per row and decode step (0: one token per step)
 DRAFT_NGRAM = 3  # the draft follows the latest earlier occurrence of the row's last 3 (else 2, 1) tokens
 
@@ -55,7 +64,7 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
     would copy every key/value head ``heads / kv_heads`` times (grouped-query attention with
     a mask and more than one query), and its CPU kernel is slow for a few queries over a long
     cache: 2-3x the cost of the whole forward's linear layers at 5 tokens per row."""
-    if not a3t_grouped:
+    if not a3t_grouped or attention_mask is None:  # no mask: SDPA's causal flag does the masking
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     rows, heads, queries, dim = query.shape
@@ -275,12 +284,13 @@ class TransformersLLM:
         # Tokenize the whole chat (cheap next to the model), as training will, so the
         # tokens the model sees are exactly the ones it is later trained on.
         prompts = [self.tokenizer(self.render(chat), add_special_tokens=False)["input_ids"] for chat in chats]
-        while True:  # shared prefixes shortest first (a longer one starts from a shorter one), then the rows
-            pasts = [self._past(ids, session) for ids, session in zip(prompts, sessions)]
+        pasts = [self._past(ids, session) for ids, session in zip(prompts, sessions)]
+        for _ in range(SHARE_ROUNDS):  # shortest first: a longer shared prefix starts from a shorter one
             prefixes = _shared_prefixes(prompts, [p.length if p else 0 for p in pasts], MIN_SHARED_TOKENS)
             if not prefixes:
                 break
             self._share([p for p in prefixes if not any(len(q) < len(p) and p[: len(q)] == q for q in prefixes)])
+            pasts = [self._past(ids, session) for ids, session in zip(prompts, sessions)]
         new_ids = [ids[past.length :] if past else ids for ids, past in zip(prompts, pasts)]
 
         # Room for the turn; rejected draft tokens leave holes, closed (compact) if it runs out.
