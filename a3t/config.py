@@ -131,6 +131,10 @@ class LLMConfig(_Section):
     load_in_4bit: bool = Field(False, description="transformers: load the weights in 4-bit nf4 (bitsandbytes).")
     dtype: str = Field("float32", description="transformers: compute dtype (float32 on CPU; bfloat16 on GPU).")
     device: str = Field("cpu", description="transformers: torch device.")
+    draft_tokens: int = Field(
+        4, ge=0, description="transformers: prompt-lookup draft tokens per decode step, checked by the model in the "
+        "same forward (exact for greedy and sampling; 0: off)."
+    )
     base_url: str = Field("http://127.0.0.1:8000/v1", description="openai: the server's base URL.")
     api_key_env: Optional[str] = Field(
         "OPENAI_API_KEY", description="openai: environment variable holding the API key (never logged)."

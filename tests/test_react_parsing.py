@@ -239,3 +239,12 @@ def test_stop_after_first_line():
     assert stop_after_first_line("Thought: not finished") is None
     assert stop_after_first_line("   \n\n") is None
     assert stop_after_first_line("") is None
+
+
+def test_a_turn_ends_where_the_model_starts_inventing_an_observation():
+    assert stop_after_action_line("Thought: go.\nObservation: You arrive") == len("Thought: go.\n")
+    assert stop_after_action_line("Observation: You are in the middle") == 0
+    assert stop_after_action_line("Thought: go.\nObs") is None  # not a label yet
+    # An action line before the invented observation still ends the turn after itself.
+    text = "Thought: go.\nAction: go to desk 1\nObservation: You arrive"
+    assert stop_after_action_line(text) == len("Thought: go.\nAction: go to desk 1\n")

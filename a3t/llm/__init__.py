@@ -17,4 +17,5 @@ def load_llm(cfg: LLMConfig) -> LLM:
     from a3t.llm.transformers_llm import TransformersLLM
 
     path = resolve_model_path(cfg.model)
-    return TransformersLLM(path, adapter=cfg.adapter, load_in_4bit=cfg.load_in_4bit, dtype=cfg.dtype, device=cfg.device)
+    return TransformersLLM(path, adapter=cfg.adapter, load_in_4bit=cfg.load_in_4bit, dtype=cfg.dtype, device=cfg.device,
+                           draft_tokens=cfg.draft_tokens)

@@ -62,15 +62,22 @@ def label(name: str) -> str:
 
 
 ACTION_LINE = re.compile(label("action"), re.IGNORECASE | re.MULTILINE)
+# A line labelled "Observation:" (begun, not necessarily finished) in a policy turn.
+_OBSERVATION_START = re.compile(r"^[^\w\n]*observation[ \t]*\d*[ \t]*[*_`]*[ \t]*[:：]", re.IGNORECASE | re.MULTILINE)
 
 
 def stop_after_action_line(text: str) -> int | None:
     """ReAct turns end with the action line: cut right after the newline of the first
-    action line that names an action."""
+    action line that names an action. A model that starts writing an "Observation:" line
+    is inventing the environment's answer: the turn ends before it (small models do this
+    instead of acting, and would otherwise run to max_new_tokens every turn)."""
+    observation = _OBSERVATION_START.search(text)
     for match in ACTION_LINE.finditer(text):
+        if observation is not None and observation.start() < match.start():
+            break
         if match.group(1).strip(" \t*_`'\"") and match.end() < len(text):  # its newline is there
             return match.end() + 1
-    return None
+    return observation.start() if observation is not None else None
 
 
 def stop_after_first_line(text: str) -> int | None:
