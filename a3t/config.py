@@ -5,6 +5,7 @@ Each field says what it is for; defaults that come from the A3T paper or ReAct s
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -156,6 +157,10 @@ class RolloutConfig(_Section):
     )
     top_p: float = Field(1.0, gt=0, le=1, description="Policy nucleus sampling.")
     max_new_tokens: int = Field(96, ge=8, description="Most tokens of one policy turn (thought + action).")
+    start_with_thought: bool = Field(
+        True, description="Write 'Thought:' as the start of each policy reply, for the model to continue (the "
+        "ReAct format; small models otherwise tend to echo the observation)."
+    )
     actre_max_new_tokens: int = Field(64, ge=8, description="Most tokens of one ActRe reason.")
     retry_min: int = Field(0, ge=0, description="Retries of a failed task that run even after a success (WebShop: 3).")
     retry_max: int = Field(
@@ -299,7 +304,17 @@ def _merge(base: dict, top: dict) -> dict:
 # Named sets of settings applied on top of the defaults, before a config file and overrides.
 # The defaults are the CPU profile: a laptop, offline, minutes per round.
 PROFILES: dict[str, dict] = {
-    "default": {},
+    # The CPU default, sized so that `a3t run` (2 rounds with SmolLM2-135M) finishes within 15
+    # minutes on 2 cores: short episodes (generated small games take <= 10 steps; ReAct/A3T give
+    # official games 50, as env.max_steps does unset), 6 train games a round, 3 games per eval split.
+    "default": {
+        "games": {"train": 12, "valid_seen": 6, "valid_unseen": 6},
+        "env": {"max_steps": 15},
+        "rollout": {"max_new_tokens": 64, "retry_max": 1},
+        "train": {"epochs_first_round": 2, "epochs_later_rounds": 1},
+        "eval": {"tasks": 3},
+        "pipeline": {"train_tasks": 6, "annotate_walkthroughs": 6},
+    },
     # The A3T paper's setup (ALFWorld, Mistral-7B-Instruct-v0.2 on one GPU). The model comes from
     # a local path or the HF cache: set llm.model to a folder if it is not cached.
     "paper": {
@@ -353,7 +368,7 @@ def load_config(
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
         tree = loaded or {}
-    tree = _merge(PROFILES[profile], tree)
+    tree = _merge(copy.deepcopy(PROFILES[profile]), tree)  # overrides below must not edit the profile
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:

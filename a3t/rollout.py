@@ -15,6 +15,7 @@ task has succeeded yet).
 from __future__ import annotations
 
 import random
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -196,6 +197,17 @@ def _policy_chat(episode: _Episode) -> Chat:
     return react_chat(first.task_type, first.observation, episode.steps, episode.env.phrasing)
 
 
+THOUGHT_START = "Thought:"
+
+
+def _whole_reply(text: str, started: bool) -> str:
+    """The reply with the start written for the model; a backend that answered with a reply of
+    its own (a server without continuation) already has its label."""
+    if not started or re.match(r"[^\w\n]*thought", text, re.IGNORECASE):
+        return text
+    return THOUGHT_START + text
+
+
 def _choose_actions(active, policy, annotator, sampling, cfg: RolloutConfig, turn: int, stats: RolloutStats):
     """(thought, action, explored) for every active episode: one policy batch, one ActRe batch."""
     choices: list[tuple[str, str, bool] | None] = [None] * len(active)
@@ -208,13 +220,16 @@ def _choose_actions(active, policy, annotator, sampling, cfg: RolloutConfig, tur
         else:
             asks.append(i)
     if asks:
-        chats = [_policy_chat(active[i]) for i in asks]
+        # The reply is started with "Thought:" for the model: small models otherwise echo the
+        # observation instead of answering in the ReAct format (SmolLM2-135M did, every turn).
+        start = [{"role": "assistant", "content": THOUGHT_START}] if cfg.start_with_thought else []
+        chats = [_policy_chat(active[i]) + start for i in asks]
         seeded = Sampling(sampling.temperature, sampling.top_p, sampling.max_new_tokens, seed=cfg.seed * 100_003 + turn)
         t0 = time.perf_counter()
         completions = policy.complete(chats, seeded, stop_after_action_line, sessions=[active[i].episode_id for i in asks])
         _account(stats, [active[i] for i in asks], completions, time.perf_counter() - t0)
         for i, completion in zip(asks, completions):
-            parsed = parse_turn(completion.text)
+            parsed = parse_turn(_whole_reply(completion.text, cfg.start_with_thought))
             choices[i] = (parsed.thought, parsed.action, False)
     if explores:
         requests = [ActReRequest(active[i].first.task_type, active[i].first.observation, active[i].steps, action,

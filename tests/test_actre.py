@@ -166,6 +166,9 @@ def test_explored_step_in_the_policy_chat_is_a_policy_turn(games_root, tiny_mode
     policy_chats = [chats[0] for chats, stop, _ in spy.calls if stop is not stop_after_first_line]
     assert len(policy_chats) == sum(not s.explored for s in steps)
     for chat in policy_chats:
+        # The policy's reply is started for it ("Thought:", rollout.start_with_thought).
+        assert chat[-1] == {"role": "assistant", "content": "Thought:"}
+        chat = chat[:-1]
         k = (len(chat) - 2) // 2  # steps before this call
         assert chat == react_chat(trajectory.task_type, trajectory.initial_observation, steps[:k])
         for i, step in enumerate(steps[:k]):

@@ -5,7 +5,7 @@ from a3t.config import ConfigError, load_config
 
 def test_defaults_need_no_file():
     cfg = load_config()
-    assert cfg.env.phrasing == "put" and cfg.env.max_steps == 50
+    assert cfg.env.phrasing == "put" and cfg.env.max_steps == 15  # CPU default; the paper profile: 50
     assert cfg.games.size == "small"
 
 
@@ -59,3 +59,9 @@ def test_profiles_sit_between_defaults_and_file(tmp_path):
     assert cfg.train.epochs_first_round == 4 and cfg.train.lora_r == 8 and cfg.train.epochs_later_rounds == 6
     with pytest.raises(ConfigError, match="unknown profile 'huge'"):
         load_config(profile="huge")
+
+
+def test_overrides_never_leak_into_the_next_load():
+    load_config(overrides=["eval.tasks=1", "env.name=webshop"])
+    again = load_config()
+    assert again.eval.tasks == 3 and again.env.name == "alfworld"

@@ -54,6 +54,10 @@ class LLM(Protocol):
     def release(self, sessions: list[str]) -> None: ...
 
 
+# A chat whose last message is the assistant's is continued from that message's text: the
+# completion is only what follows (Hugging Face's continue_final_message).
+
+
 def label(name: str) -> str:
     """Regex of a line's label as models write it: "Action:", "ACTION 1:", "**Action:**",
     "**Action**:", "> Action:". Group 1 is the rest of the line. Shared by the stop rule

@@ -150,6 +150,10 @@ class OpenAICompatibleLLM:
         }
         if sampling.seed is not None:
             payload["seed"] = sampling.seed
+        if chat and chat[-1]["role"] == "assistant":
+            # Continue the reply the chat starts (vLLM's and a3t's server's extension; other servers
+            # answer with a new reply, which the agent's parser reads as well).
+            payload |= {"continue_final_message": True, "add_generation_prompt": False}
         return payload
 
     def _complete_one(self, chat: Chat, sampling: Sampling, stop: StopRule | None) -> Completion:

@@ -268,6 +268,10 @@ class TransformersLLM:
             self._sessions.pop(session, None)
 
     def render(self, chat: Chat) -> str:
+        """The prompt text; a chat that ends with an assistant message is continued from it (the
+        start of the reply is written for the model), else a new reply is opened."""
+        if chat and chat[-1]["role"] == "assistant":
+            return self.tokenizer.apply_chat_template(chat, tokenize=False, continue_final_message=True)
         return self.tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
 
     @torch.inference_mode()
