@@ -17,7 +17,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
-from rich.table import Table
+from rich.table import Column, Table
 
 from a3t.config import Config, ConfigError, load_config
 
@@ -445,7 +445,7 @@ def _report_campaign(cfg: Config, wall_s: float | None) -> None:
     table = Table("round", "collected\npol/expl/ann", "train\nloss",
                   *[f"{split}\n1st / ≤{cfg.eval.attempts}" for split in cfg.eval.splits],
                   *([f"{split} score\n1st / ≤{cfg.eval.attempts}" for split in cfg.eval.splits] if scored else []),
-                  "DVC tag", title=f"campaign {ws.campaign}: success rates")
+                  Column("DVC tag", overflow="fold"), title=f"campaign {ws.campaign}: success rates")
     for k in rounds:
         s = ws.round_summary(k)
         c = s["data"]["collected"]

@@ -5,7 +5,7 @@ from a3t.config import ConfigError, load_config
 
 def test_defaults_need_no_file():
     cfg = load_config()
-    assert cfg.env.phrasing == "put" and cfg.env.max_steps == 15  # CPU default; the paper profile: 50
+    assert cfg.env.phrasing == "put" and cfg.env.max_steps == 12  # CPU default; the paper profile: 50
     assert cfg.games.size == "small"
 
 
@@ -64,4 +64,4 @@ def test_profiles_sit_between_defaults_and_file(tmp_path):
 def test_overrides_never_leak_into_the_next_load():
     load_config(overrides=["eval.tasks=1", "env.name=webshop"])
     again = load_config()
-    assert again.eval.tasks == 3 and again.env.name == "alfworld"
+    assert again.eval.tasks == 2 and again.env.name == "alfworld"

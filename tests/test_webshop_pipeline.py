@@ -69,7 +69,7 @@ def _actre_stub() -> ActReAnnotator:
 def test_one_setting_switches_to_webshop_and_alfworld_stays_as_it_was():
     alfworld = load_config(profile="paper")
     assert alfworld.env.name == "alfworld" and alfworld.env.max_steps == 50
-    assert load_config().env.max_steps == 15  # the CPU default's short episodes (small games)
+    assert load_config().env.max_steps == 12  # the CPU default's short episodes (small games)
     assert alfworld.eval.splits == ["valid_seen", "valid_unseen"]
     webshop = load_config(overrides=["env.name=webshop"])
     assert webshop.env.max_steps == 15 and webshop.eval.splits == ["test"]  # ReAct's harness; WebShop's test goals
