@@ -48,8 +48,10 @@ class GamesConfig(_Section):
 
 
 EnvName = Literal["alfworld", "webshop"]
-# Step limits of an episode: ReAct and A3T give ALFWorld 50 steps; ReAct's WebShop harness gives 15.
-DEFAULT_MAX_STEPS: dict[str, int] = {"alfworld": 50, "webshop": 15}
+# Step limits of an episode. ReAct and A3T give ALFWorld 50 steps (the paper profiles set it); the
+# CPU default gives 12, enough for generated small games (<= 10 steps by plan) and within the
+# 15-minute budget of `a3t run`. ReAct's WebShop harness gives 15.
+DEFAULT_MAX_STEPS: dict[str, int] = {"alfworld": 12, "webshop": 15}
 # The splits each environment is evaluated on (WebShop's results are reported on its test goals).
 EVAL_SPLITS: dict[str, list[str]] = {"alfworld": ["valid_seen", "valid_unseen"], "webshop": ["test"]}
 # The held-out split whose first-attempt success rate picks the champion adapter.
@@ -68,8 +70,8 @@ class EnvConfig(_Section):
         "and trajectories) or 'move X to Y' (alfworld >= 0.4).",
     )
     max_steps: Optional[int] = Field(
-        None, ge=1, description="Step limit of an episode; unset: the environment's (ALFWorld 50 as ReAct and A3T; "
-        "WebShop 15 as ReAct's WebShop harness).",
+        None, ge=1, description="Step limit of an episode; unset: the environment's (ALFWorld 12 for generated small "
+        "games on a CPU, the paper profile 50 as ReAct and A3T; WebShop 15 as ReAct's WebShop harness).",
     )
 
     @model_validator(mode="before")
@@ -305,13 +307,11 @@ def _merge(base: dict, top: dict) -> dict:
 # The defaults are the CPU profile: a laptop, offline, minutes per round.
 PROFILES: dict[str, dict] = {
     # The CPU default, sized so that `a3t run` (2 rounds with SmolLM2-135M) finishes within 15
-    # minutes on 2 cores: short episodes (generated small games take <= 10 steps; ReAct/A3T give
-    # official games 50, as env.max_steps does unset), 4 train games a round, 2 games per eval
+    # minutes on 2 cores: short episodes (DEFAULT_MAX_STEPS), 4 train games a round, 2 games per eval
     # split, one epoch, and sft: the paper's pg needs several successes per task to be stable,
     # and a small model's round 0 has one (its annotated walkthrough).
     "default": {
         "games": {"train": 8, "valid_seen": 4, "valid_unseen": 4},
-        "env": {"max_steps": 12},
         "rollout": {"max_new_tokens": 64, "retry_max": 1},
         "train": {"loss": "sft", "epochs_first_round": 1, "epochs_later_rounds": 1},
         "eval": {"tasks": 2},
@@ -323,6 +323,7 @@ PROFILES: dict[str, dict] = {
         "llm": {"model": "mistralai/Mistral-7B-Instruct-v0.2", "load_in_4bit": True, "dtype": "bfloat16",
                 "device": "cuda"},
         "games": {"size": "alfworld"},
+        "env": {"max_steps": 50},  # ReAct and A3T
         "rollout": {"retry_max": 40, "stop_at_first_success": True, "p_explore": 0.1},
         "train": {"loss": "pg", "learning_rate": 1e-4, "epochs_first_round": 10, "epochs_later_rounds": 6,
                   "optimizer": "paged_adamw_32bit", "load_in_4bit": True, "lora_r": 16, "lora_alpha": 32},
@@ -346,7 +347,7 @@ PROFILES: dict[str, dict] = {
 }
 # WebShop with the paper's retry rule (at least 3 retries of a failed task, stop at the first
 # success, at most 20), on the CPU defaults otherwise; paper-webshop adds the paper's model and training.
-_WEBSHOP = {"env": {"name": "webshop"}, "rollout": {"retry_min": 3, "retry_max": 20, "stop_at_first_success": True}}
+_WEBSHOP = {"env": {"name": "webshop", "max_steps": 15}, "rollout": {"retry_min": 3, "retry_max": 20, "stop_at_first_success": True}}
 PROFILES["webshop"] = _WEBSHOP
 PROFILES["paper-webshop"] = _merge(PROFILES["paper"], _WEBSHOP)
 
