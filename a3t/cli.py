@@ -288,9 +288,6 @@ def train_command(
 
 # --- The pipeline: Prefect flows over a workspace (the current directory) ---------------------
 
-RunArgs = Annotated[Optional[list[str]], typer.Argument(help="Config overrides as section.key=value.")]
-
-
 def _prefect_env() -> None:
     # Prefect's temporary local server otherwise sends analytics and may log "database is locked".
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -317,7 +314,7 @@ def _with_task_runner(flow_fn, cfg: Config):
 
 @app.command("run")
 def run_command(
-    overrides: RunArgs = None,
+    overrides: OverridesArg = None,
     config: ConfigOption = None,
     profile: Annotated[str, typer.Option("--profile", "-p", help="smoke (tiny model, ~2 min), default (CPU), paper "
                                          "(GPU), webshop or paper-webshop.")] = "default",
@@ -334,7 +331,7 @@ def run_command(
 
 @app.command("round")
 def round_command(
-    overrides: RunArgs = None,
+    overrides: OverridesArg = None,
     config: ConfigOption = None,
     profile: ProfileOption = "default",
     round_: Annotated[Optional[int], typer.Option("--round", help="Round to run (default: the next one).")] = None,
@@ -350,7 +347,7 @@ def round_command(
 
 @app.command("eval")
 def eval_command(
-    overrides: RunArgs = None,
+    overrides: OverridesArg = None,
     config: ConfigOption = None,
     profile: ProfileOption = "default",
     adapter: Annotated[Optional[Path], typer.Option(help="A peft adapter folder (default: the base model).")] = None,
@@ -369,7 +366,7 @@ def eval_command(
 @app.command("rollback")
 def rollback_command(
     tag: Annotated[str, typer.Argument(help="A round's tag, e.g. a3t/default/round-0 (see `git tag -l 'a3t/*'`).")],
-    overrides: RunArgs = None,
+    overrides: OverridesArg = None,
     config: ConfigOption = None,
     profile: ProfileOption = "default",
     force: Annotated[bool, typer.Option(help="Discard uncommitted changes of the versioned data.")] = False,
@@ -386,7 +383,7 @@ def rollback_command(
 
 @app.command("serve")
 def serve_command(
-    overrides: RunArgs = None,
+    overrides: OverridesArg = None,
     config: ConfigOption = None,
     profile: ProfileOption = "default",
     cron: Annotated[str, typer.Option(help="Cron schedule, e.g. '0 3 * * *' (every day at 03:00).")] = "0 3 * * *",

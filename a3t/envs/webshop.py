@@ -37,6 +37,7 @@ Choices where WebShop leaves room, or where we had to substitute:
 from __future__ import annotations
 
 import functools
+from abc import ABC, abstractmethod
 import random
 import re
 from dataclasses import dataclass, field
@@ -287,8 +288,9 @@ def observation(elements: list[Element], at: Browse, fmt: ObservationFormat, cli
     return format_react(elements, at.page, set(at.options.values()))
 
 
-class BrowserEnv:
-    """The a3t environment API over a WebShop site; subclasses say how a page is fetched."""
+class BrowserEnv(ABC):
+    """The a3t environment API over a WebShop site; subclasses say how a page is fetched
+    (WebShopEnv: the local shop; WebShopServerEnv: a real WebShop server)."""
 
     instruction: str = ""  # the goal's instruction, known by the end of reset()
     task_type: str = "webshop"
@@ -304,9 +306,9 @@ class BrowserEnv:
         self._invalid = 0
         self._reason: TerminalReason | None = None
 
+    @abstractmethod
     def _load(self, at: Browse) -> list[Element]:
         """The page's elements; for "done", set at.reward."""
-        raise NotImplementedError
 
     @property
     def page(self) -> PageName | None:
