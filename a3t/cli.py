@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.table import Column, Table
 
 from a3t.config import Config, ConfigError, load_config
+from a3t.stats import wilson_interval
 
 app = typer.Typer(help="a3t: a language agent that improves itself from its own trajectories (A3T).", no_args_is_help=True)
 games_app = typer.Typer(help="Generate and play ALFWorld games.", no_args_is_help=True)
@@ -175,7 +176,7 @@ def rollout_command(
     """Play the games (WebShop: goals) of a split with the policy, with A3T exploration and retries of failed
     tasks."""
     from a3t.envs.alfworld import find_games
-    from a3t.pipeline import load_agents, webshop_tasks
+    from a3t.pipeline import load_agents, shows_example, webshop_tasks
     from a3t.progress import rollout_bar
     from a3t.rollout import rollout, task_for
     from a3t.trajectory import TrajectoryStore
@@ -192,7 +193,8 @@ def rollout_command(
     policy, annotator = load_agents(cfg)
     store = TrajectoryStore(out)
     with rollout_bar(f"rollout {split}", len(tasks)) as show:
-        stats = rollout(tasks, store, policy, annotator, cfg.rollout, cfg.env, round_=round_, on_progress=show)
+        stats = rollout(tasks, store, policy, annotator, cfg.rollout, cfg.env, round_=round_, on_progress=show,
+                        action_mode=cfg.agent.action_mode, with_example=shows_example(cfg, cfg.llm.adapter))
     _rollout_table(stats, store)
 
 
@@ -266,6 +268,7 @@ def train_command(
 
     from a3t.data import build_examples, load_trajectories
     from a3t.llm.models import resolve_model_path
+    from a3t.pipeline import shows_example
     from a3t.train import train_adapter
 
     cfg = _config(config, overrides or [], profile)
@@ -277,7 +280,7 @@ def train_command(
     tokenizer = AutoTokenizer.from_pretrained(str(base), local_files_only=True)
     t = cfg.train
     examples = build_examples(load_trajectories(data), tokenizer, t.loss, t.observations_in_loss, cfg.env.phrasing,
-                              t.max_length, cfg.webshop.observation_format)
+                              t.max_length, cfg.webshop.observation_format, with_example=shows_example(cfg, "trained"))
     console.print(f"{len(examples)} weighted trajectories ({t.loss} loss) from {len(data)} file(s)")
     epochs = t.epochs_first_round if round_ == 0 else t.epochs_later_rounds
     start = None if t.from_base_each_round else init_adapter
@@ -291,6 +294,8 @@ def train_command(
 def _prefect_env() -> None:
     # Prefect's temporary local server otherwise sends analytics and may log "database is locked".
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # Its 20 s start-up limit is too short on a busy 2-core machine (prefect #15075).
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 
 def _run_flow(flow_fn, **params):
@@ -419,16 +424,29 @@ def _str(value) -> str | None:
     return None if value is None else str(value)
 
 
+def _rate(rates: dict, key: str) -> str:
+    """``25.0% [12.0–44.9]``: a rate with its 95% Wilson interval. A summary written before the
+    intervals has none: it is computed from the rate and the number of tasks."""
+    ci = rates.get(f"{key}_ci") or wilson_interval(round(rates[key] * rates["tasks"]), rates["tasks"])
+    return f"{rates[key]:.1%} [{100 * ci[0]:.1f}–{100 * ci[1]:.1f}]"
+
+
 def _rates_table(split: str, rates: dict) -> Table:
     k = rates["k"]
-    table = Table("task type", "tasks", "first attempt", f"within {k}", title=split,
+    table = Table("task type", "tasks", "first attempt [95% CI]", f"within {k} [95% CI]", title=split,
                   caption=f"score (100 x mean reward): {rates['score']:.1f} first attempt, "
                           f"{rates['score_within_k']:.1f} best within {k}")
     for kind, r in rates["per_type"].items():
-        table.add_row(kind, str(r["tasks"]), f"{r['success']:.0%}", f"{r['success_within_k']:.0%}")
-    table.add_row("[bold]all[/bold]", str(rates["tasks"]), f"[bold]{rates['success']:.0%}[/bold]",
-                  f"[bold]{rates['success_within_k']:.0%}[/bold]")
+        table.add_row(kind, str(r["tasks"]), _rate(r, "success"), _rate(r, "success_within_k"))
+    table.add_row("[bold]all[/bold]", str(rates["tasks"]), f"[bold]{_rate(rates, 'success')}[/bold]",
+                  f"[bold]{_rate(rates, 'success_within_k')}[/bold]")
     return table
+
+
+def _split_cell(rates: dict) -> str:
+    # A line per header line: with a few tens of games the interval is as wide as a round's
+    # gain, so the number of games stays in sight.
+    return f"{rates['tasks']} games\n{_rate(rates, 'success')}\n{_rate(rates, 'success_within_k')}"
 
 
 def _report_campaign(cfg: Config, wall_s: float | None) -> None:
@@ -440,7 +458,9 @@ def _report_campaign(cfg: Config, wall_s: float | None) -> None:
     # WebShop's results are read as score and success rate (the paper's table).
     scored = cfg.env.name == "webshop"
     table = Table("round", "collected\npol/expl/ann", "train\nloss",
-                  *[f"{split}\n1st / ≤{cfg.eval.attempts}" for split in cfg.eval.splits],
+                  # Unwrapped: a rate apart from its interval reads as two numbers.
+                  *[Column(f"{split}\ngames\n1st [95% CI]\n≤{cfg.eval.attempts} [95% CI]", no_wrap=True)
+                    for split in cfg.eval.splits],
                   *([f"{split} score\n1st / ≤{cfg.eval.attempts}" for split in cfg.eval.splits] if scored else []),
                   Column("DVC tag", overflow="fold"), title=f"campaign {ws.campaign}: success rates")
     for k in rounds:
@@ -450,8 +470,8 @@ def _report_campaign(cfg: Config, wall_s: float | None) -> None:
         scores = [f"{s['eval'][sp]['score']:.1f} / {s['eval'][sp]['score_within_k']:.1f}"
                   if "score" in s["eval"].get(sp, {}) else "-" for sp in cfg.eval.splits] if scored else []
         table.add_row(str(k), f"{c['policy']}/{c['explored']}/{c['annotated']}", f"{losses[-1]:.3f}" if losses else "-",
-                      *[f"{s['eval'][sp]['success']:.0%} / {s['eval'][sp]['success_within_k']:.0%}" if sp in s["eval"]
-                        else "-" for sp in cfg.eval.splits], *scores, s["version"]["tag"])
+                      *[_split_cell(s["eval"][sp]) if sp in s["eval"] else "-" for sp in cfg.eval.splits],
+                      *scores, s["version"]["tag"])
     console.print(table)
     if wall_s is not None:
         console.print(f"wall time {wall_s / 60:.1f} min")

@@ -144,6 +144,33 @@ class LLMConfig(_Section):
     )
     timeout_s: float = Field(120.0, gt=0, description="openai: seconds to wait for one reply.")
     max_retries: int = Field(3, ge=0, description="openai: retries on connection errors, timeouts and 5xx.")
+    structured_output: Literal["json_schema", "guided_choice", "grammar"] = Field(
+        "json_schema",
+        description="openai: how the server is asked to restrict a constrained action to the admissible ones: "
+        "'json_schema' (response_format with an enum schema: vLLM, the llama.cpp server, OpenAI), "
+        "'guided_choice' (vLLM's structured_outputs choice) or 'grammar' (the llama.cpp server's GBNF grammar).",
+    )
+
+
+class AgentConfig(_Section):
+    action_mode: Literal["free", "constrained"] = Field(
+        "constrained",
+        description="'free': the model writes the action line itself and an inadmissible action gets "
+        "\"Nothing happens.\" (the paper); 'constrained': the thought stays free text and the action is decoded "
+        "under a constraint to exactly one admissible action (ALFWorld: the admissible commands; WebShop: the "
+        "clickables, or a free search[...] on the search page). Training renders the same text either way.",
+    )
+    example: Literal["always", "untrained"] = Field(
+        "untrained",
+        description="Who sees the 1-shot example in the policy's prompt: 'always' (the paper's prompts), or "
+        "'untrained': only the prompted base model; a trained policy (one with an adapter) and the training "
+        "that makes it see the instruction alone, so rollout and training render the same, shorter prompt "
+        "(our choice for the CPU: training and rollouts are about twice as fast).",
+    )
+    actre_tries: int = Field(
+        3, ge=1, description="ActRe samples per explored action until a reason passes the checks (not empty, not "
+        "the observation repeated, naming no other action); our choice, the paper does not say.",
+    )
 
 
 class RolloutConfig(_Section):
@@ -242,6 +269,10 @@ class PipelineConfig(_Section):
         description="Round 0 also learns from ActRe-annotated walkthroughs (ALFWorld: the planner's; WebShop: an "
         "oracle's) of this many train tasks (a small model rarely succeeds unaided; paper: 0, prompting alone).",
     )
+    play_round_0: bool = Field(
+        True, description="Round 0 also plays the train tasks with the prompted base model (paper); False: round 0 "
+        "learns from the annotated walkthroughs alone (a model too small to win unaided plays for nothing).",
+    )
     rollout_shards: int = Field(
         1, ge=1, description="Rollout tasks a round's train games are split into; they run concurrently."
     )
@@ -263,6 +294,7 @@ class Config(_Section):
     env: EnvConfig = Field(default_factory=EnvConfig, description="The environment: ALFWorld or WebShop.")
     webshop: WebShopConfig = Field(default_factory=WebShopConfig, description="WebShop's shop: local or a server.")
     llm: LLMConfig = Field(default_factory=LLMConfig, description="The policy's LLM.")
+    agent: AgentConfig = Field(default_factory=AgentConfig, description="How the agent acts and explains.")
     actre: Optional[LLMConfig] = Field(
         None, description="The ActRe annotator's LLM; unset: the policy's LLM (as the paper)."
     )
@@ -306,16 +338,26 @@ def _merge(base: dict, top: dict) -> dict:
 # Named sets of settings applied on top of the defaults, before a config file and overrides.
 # The defaults are the CPU profile: a laptop, offline, minutes per round.
 PROFILES: dict[str, dict] = {
-    # The CPU default, sized so that `a3t run` (2 rounds with SmolLM2-135M) finishes within 15
-    # minutes on 2 cores: short episodes (DEFAULT_MAX_STEPS), 4 train games a round, 2 games per eval
-    # split, one epoch, and sft: the paper's pg needs several successes per task to be stable,
-    # and a small model's round 0 has one (its annotated walkthrough).
+    # The CPU default: SmolLM2-135M on 2 cores, 3 rounds, evaluated on 24 valid_unseen games (4 per
+    # task type) and 12 valid_seen. Each choice is tuned for a model that small on a CPU:
     "default": {
-        "games": {"train": 8, "valid_seen": 4, "valid_unseen": 4},
-        "rollout": {"max_new_tokens": 64, "retry_max": 1},
-        "train": {"loss": "sft", "epochs_first_round": 1, "epochs_later_rounds": 1},
-        "eval": {"tasks": 2},
-        "pipeline": {"train_tasks": 4, "annotate_walkthroughs": 4},
+        "games": {"train": 48, "valid_seen": 12, "valid_unseen": 24},
+        # Thoughts only (the action is decoded separately); 2 retries of a failed task (paper: 40).
+        "rollout": {"max_new_tokens": 48, "retry_max": 2},
+        # sft: pg needs several successes per task to be stable (the paper warns), and here a task
+        # has at most one. LoRA on every projection at 1e-3, 4 epochs in round 0: q_proj/v_proj at
+        # 1e-4 barely move a 135M model in a few epochs on a few dozen trajectories. The loss is on
+        # the agent's turns only: the model's capacity goes to acting, not to predicting the room.
+        "train": {"loss": "sft", "learning_rate": 1e-3, "epochs_first_round": 4, "epochs_later_rounds": 3,
+                  "observations_in_loss": False,
+                  "lora_targets": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+                  "batch_size": 1, "gradient_accumulation": 2},
+        # Every generated eval game, first attempt only (greedy): the attempts are spent on more games.
+        "eval": {"tasks": None, "attempts": 1},
+        # Round 0 learns from 24 annotated planner walkthroughs (4 per task type): the prompted 135M
+        # model won 0 of 24 valid_unseen games, so its round-0 rollouts would cost minutes and find
+        # nothing. Rounds 1-2 play the 24 other train games.
+        "pipeline": {"rounds": 3, "train_tasks": 24, "annotate_walkthroughs": 24, "play_round_0": False},
     },
     # The A3T paper's setup (ALFWorld, Mistral-7B-Instruct-v0.2 on one GPU). The model comes from
     # a local path or the HF cache: set llm.model to a folder if it is not cached.
@@ -323,6 +365,7 @@ PROFILES: dict[str, dict] = {
         "llm": {"model": "mistralai/Mistral-7B-Instruct-v0.2", "load_in_4bit": True, "dtype": "bfloat16",
                 "device": "cuda"},
         "games": {"size": "alfworld"},
+        "agent": {"action_mode": "free", "example": "always"},  # the paper's model writes its action
         "env": {"max_steps": 50},  # ReAct and A3T
         "rollout": {"retry_max": 40, "stop_at_first_success": True, "p_explore": 0.1},
         "train": {"loss": "pg", "learning_rate": 1e-4, "epochs_first_round": 10, "epochs_later_rounds": 6,

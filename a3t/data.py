@@ -101,11 +101,12 @@ def turn_spans(tokenizer, chat: list[dict[str, str]], observations: bool) -> tup
 
 def tokenize_trajectory(
     tokenizer, t: Trajectory, weight: float, phrasing: Phrasing, observations: bool, max_length: int,
-    page_format: PageFormat = "react",
+    page_format: PageFormat = "react", with_example: bool = True,
 ) -> Example:
-    """``phrasing`` renders ALFWorld trajectories' prompt, ``page_format`` WebShop's."""
+    """``phrasing`` renders ALFWorld trajectories' prompt, ``page_format`` WebShop's; ``with_example``:
+    the prompt shows the 1-shot example (as the policy that will be trained is to see it)."""
     chat = react_chat(t.task_type, t.initial_observation, t.steps, phrasing,
-                      webshop=page_format if t.env == "webshop" else None)
+                      webshop=page_format if t.env == "webshop" else None, with_example=with_example)
     text, spans = turn_spans(tokenizer, chat, observations)
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = encoded["input_ids"], encoded["offset_mapping"]
@@ -132,6 +133,7 @@ def build_examples(
     phrasing: Phrasing = "put",
     max_length: int = 4096,
     page_format: PageFormat = "react",
+    with_example: bool = True,
 ) -> list[Example]:
     """Weighted, tokenized examples; trajectories whose weight is 0 add nothing and are left out.
     ALFWorld trajectories are rendered in ``phrasing``, WebShop's with pages in ``page_format``."""
@@ -140,5 +142,6 @@ def build_examples(
     for t in trajectories:
         weight = trajectory_weight(reward_of(t, variant), baselines[t.task_id], variant)
         if weight != 0.0:
-            examples.append(tokenize_trajectory(tokenizer, t, weight, phrasing, observations, max_length, page_format))
+            examples.append(tokenize_trajectory(tokenizer, t, weight, phrasing, observations, max_length, page_format,
+                                                with_example))
     return examples

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING
 
 from a3t.config import Config, WebShopConfig
 from a3t.progress import rollout_bar
+from a3t.stats import wilson_interval
 from a3t.trajectory import Trajectory, TrajectoryStore
 
 if TYPE_CHECKING:
@@ -113,7 +114,7 @@ def load_agents(cfg: Config, adapter: str | Path | None = None, need_policy: boo
     policy = load_llm(llm_cfg) if need_policy or cfg.actre is None else None
     actre_llm = load_llm(cfg.actre) if cfg.actre is not None else policy
     sampling = Sampling(temperature=0.0, max_new_tokens=cfg.rollout.actre_max_new_tokens)
-    annotator = ActReAnnotator(actre_llm, phrasing=cfg.env.phrasing, sampling=sampling)
+    annotator = ActReAnnotator(actre_llm, phrasing=cfg.env.phrasing, sampling=sampling, tries=cfg.agent.actre_tries)
     return (policy if need_policy else None), annotator
 
 
@@ -134,10 +135,6 @@ def spread_over_task_types(games: list[Path], n: int | None) -> list[Path]:
     return picked
 
 
-def train_games(cfg: Config, ws: Workspace) -> list[Path]:
-    from a3t.envs.alfworld import find_games
-
-    return spread_over_task_types(find_games(ws.path(cfg.games.root), "train"), cfg.pipeline.train_tasks)
 
 
 def webshop_tasks(shop: WebShopConfig, split: str, limit: int | None = None) -> list[Task]:
@@ -155,13 +152,17 @@ def webshop_tasks(shop: WebShopConfig, split: str, limit: int | None = None) -> 
 
 
 def train_tasks(cfg: Config, ws: Workspace) -> list[Task]:
-    """The train tasks a round plays: the first ``pipeline.train_tasks`` train games (spread over
-    task types) or WebShop train goals."""
+    """The train tasks a round plays: ``pipeline.train_tasks`` train games (spread over task types)
+    or WebShop train goals, those after the ones whose walkthroughs round 0 annotates (their
+    successes are in the data already: playing them again would teach little new)."""
+    from a3t.envs.alfworld import find_games
     from a3t.rollout import task_for
 
+    first, n = cfg.pipeline.annotate_walkthroughs, cfg.pipeline.train_tasks
+    end = None if n is None else first + n
     if cfg.env.name == "webshop":
-        return webshop_tasks(cfg.webshop, "train", cfg.pipeline.train_tasks)
-    return [task_for(g) for g in train_games(cfg, ws)]
+        return webshop_tasks(cfg.webshop, "train", end)[first:]
+    return [task_for(g) for g in spread_over_task_types(find_games(ws.path(cfg.games.root), "train"), end)[first:]]
 
 
 def eval_games_root(cfg: Config, ws: Workspace) -> Path:
@@ -205,14 +206,22 @@ def play_train_games(cfg: Config, ws: Workspace, round_: int, shard: int = 0, re
 
     tasks = train_tasks(cfg, ws)[shard :: cfg.pipeline.rollout_shards]
     store = TrajectoryStore(ws.round_data(round_) / f"rollout-{shard}.jsonl")
-    policy, annotator = load_agents(cfg, adapter=policy_adapter(ws, round_ - 1))
+    adapter = policy_adapter(ws, round_ - 1)
+    policy, annotator = load_agents(cfg, adapter=adapter)
     rollout_cfg = cfg.rollout if retries else cfg.rollout.model_copy(update={"retry_max": 0})
     label = f"round {round_}: {'retry failed tasks' if retries else 'play train games'}"
     if cfg.pipeline.rollout_shards > 1:
         label += f" (shard {shard})"
     with rollout_bar(label, len(tasks)) as show:
-        stats = rollout(tasks, store, policy, annotator, rollout_cfg, cfg.env, round_=round_, on_progress=show)
+        stats = rollout(tasks, store, policy, annotator, rollout_cfg, cfg.env, round_=round_, on_progress=show,
+                        action_mode=cfg.agent.action_mode, with_example=shows_example(cfg, adapter))
     return _stats(stats, store)
+
+
+def shows_example(cfg: Config, adapter: str | Path | None) -> bool:
+    """Whether the policy's prompt shows the 1-shot example: always, or (agent.example=untrained) to
+    the prompted base model only; training renders a trained policy's prompt (adapter set)."""
+    return cfg.agent.example == "always" or adapter is None
 
 
 def policy_adapter(ws: Workspace, round_: int) -> Path | None:
@@ -227,7 +236,10 @@ def policy_adapter(ws: Workspace, round_: int) -> Path | None:
 
 def _stats(stats, store: TrajectoryStore) -> dict:
     return {"episodes": stats.episodes, "successes": stats.successes, "already_stored": stats.skipped,
-            "completion_tokens": stats.completion_tokens, "tokens_per_s": stats.tokens_per_s, "file": str(store.path)}
+            "completion_tokens": stats.completion_tokens, "tokens_per_s": stats.tokens_per_s, "file": str(store.path),
+            # How ActRe fared on the explored and annotated steps (its checks: a3t.agent.actre).
+            "actre_accepted": stats.actre_accepted, "actre_rejected": stats.actre_rejected,
+            "actre_fallbacks": stats.actre_fallbacks}
 
 
 def build_training_set(cfg: Config, ws: Workspace, round_: int) -> dict:
@@ -278,7 +290,8 @@ def train_round(cfg: Config, ws: Workspace, round_: int) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(str(base), local_files_only=True)
     t = cfg.train
     examples = build_examples(load_trajectories([ws.round_data(round_) / TRAIN_SET]), tokenizer, t.loss,
-                              t.observations_in_loss, cfg.env.phrasing, t.max_length, cfg.webshop.observation_format)
+                              t.observations_in_loss, cfg.env.phrasing, t.max_length, cfg.webshop.observation_format,
+                              with_example=shows_example(cfg, adapter="trained"))
     if not examples:
         # Nothing succeeded yet: the round keeps the policy it played with (policy_adapter).
         return {"examples": 0, "loss_per_epoch": [], "skipped": "no trajectory with a non-zero weight to train on"}
@@ -308,7 +321,8 @@ def evaluate_policy(
     if cfg.env.name == "webshop":
         tasks = webshop_tasks(cfg.webshop, split, cfg.eval.tasks)
     else:
-        tasks = [task_for(g) for g in find_games(games_root, split)[: cfg.eval.tasks]]
+        # Sorted games are grouped by task type: the first N would all be of one type.
+        tasks = [task_for(g) for g in spread_over_task_types(find_games(games_root, split), cfg.eval.tasks)]
     store = TrajectoryStore(store_path)
     policy, annotator = load_agents(cfg, adapter=adapter)
     plain = {"p_explore": 0.0, "forced_explore_after_invalid": 10**9, "retry_min": 0, "stop_at_first_success": True}
@@ -317,15 +331,18 @@ def evaluate_policy(
                                                      "retry_max": cfg.eval.attempts - 1})
     for label, rollout_cfg in (("first attempts", first), (f"within {cfg.eval.attempts}", retries)):
         with rollout_bar(f"evaluate {split}, {label}", len(tasks)) as show:
-            rollout(tasks, store, policy, annotator, rollout_cfg, cfg.env, round_=round_, on_progress=show)
+            rollout(tasks, store, policy, annotator, rollout_cfg, cfg.env, round_=round_, on_progress=show,
+                    action_mode=cfg.agent.action_mode, with_example=shows_example(cfg, adapter))
     ids = {t.task_id for t in tasks}
     return success_rates([t for t in store.read(on_error="skip") if t.task_id in ids], cfg.eval.attempts)
 
 
 def success_rates(trajectories: list[Trajectory], attempts: int) -> dict:
     """First-attempt success and success within ``attempts`` attempts, overall and per task type
-    (WebShop: product category); overall also the score: 100 x the mean reward of the first
-    attempts (WebShop's score; ALFWorld's reward is 0 or 1) and of each task's best attempt within k."""
+    (WebShop: product category), each with its 95% Wilson interval (``success_ci``,
+    ``success_within_k_ci``: [low, high]), the number of ``tasks`` and of first-attempt
+    ``successes``; overall also the score: 100 x the mean reward of the first attempts
+    (WebShop's score; ALFWorld's reward is 0 or 1) and of each task's best attempt within k."""
     tasks: dict[str, dict] = {}
     for t in trajectories:
         task = tasks.setdefault(t.task_id, {"type": t.task_type, "first": False, "within": False,
@@ -340,7 +357,11 @@ def success_rates(trajectories: list[Trajectory], attempts: int) -> dict:
         return sum(g[key] for g in group) / len(group) if group else 0.0
 
     def rates(group: list[dict]) -> dict:
-        return {"tasks": len(group), "success": mean(group, "first"), "success_within_k": mean(group, "within")}
+        first, within = sum(g["first"] for g in group), sum(g["within"] for g in group)
+        return {"tasks": len(group), "successes": first,
+                "success": mean(group, "first"), "success_ci": list(wilson_interval(first, len(group))),
+                "success_within_k": mean(group, "within"),
+                "success_within_k_ci": list(wilson_interval(within, len(group)))}
 
     by_type: dict[str, list[dict]] = defaultdict(list)
     for task in tasks.values():

@@ -7,6 +7,12 @@ admissible actions and ActRe writes the thought (batched too). Scripted episodes
 annotate``) take their actions from a list and get every thought from ActRe. Finished
 episodes are appended to the TrajectoryStore at once; a rerun skips stored ones.
 
+The action line is the model's own text (``action_mode="free"``, the paper), or
+(``"constrained"``) the thought is written first and the action is then decoded under a
+constraint to exactly one of the state's admissible actions (a3t.envs.action_choices). An
+episode whose state offers no action at all ends there (terminal reason
+``no_admissible_action``) with a warning.
+
 Failed tasks are retried: when a task's first attempt fails, its attempt k >= 1 runs if
 k <= retry_max and (k <= retry_min, or not stop_at_first_success, or no attempt of the
 task has succeeded yet).
@@ -14,21 +20,26 @@ task has succeeded yet).
 
 from __future__ import annotations
 
+import logging
 import random
 import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from a3t.agent.actre import ActReAnnotator, ActReRequest
 from a3t.agent.examples import PageFormat
-from a3t.agent.react import parse_turn, react_chat
+from a3t.agent.react import format_turn, parse_turn, react_chat
 from a3t.config import EnvConfig, RolloutConfig, WebShopConfig
-from a3t.envs import explore_action, make_env
-from a3t.envs.base import Reset, TextEnv
-from a3t.llm.base import LLM, Chat, Sampling, stop_after_action_line
+from a3t.envs import action_choices, explore_action, make_env, usable_actions
+from a3t.envs.base import Reset, TerminalReason, TextEnv
+from a3t.llm.base import LLM, Chat, Sampling, stop_after_action_line, stop_after_thought
 from a3t.trajectory import StepRecord, Trajectory, TrajectoryStore
+
+log = logging.getLogger("a3t.rollout")
+ActionMode = Literal["free", "constrained"]
 
 
 @dataclass(frozen=True)
@@ -55,6 +66,9 @@ class RolloutStats:
     completion_tokens: int = 0
     llm_s: float = 0.0
     env_s: float = 0.0
+    actre_accepted: int = 0  # ActRe reasons that passed its checks (a3t.agent.actre)
+    actre_rejected: int = 0  # ActRe samples rejected and asked again
+    actre_fallbacks: int = 0  # explored steps whose every ActRe try was rejected
     started: float = field(default_factory=time.perf_counter)
 
     @property
@@ -137,20 +151,40 @@ def rollout(
     env_cfg: EnvConfig,
     round_: int = 0,
     on_progress: Callable[[RolloutStats], None] | None = None,
+    action_mode: ActionMode = "free",
+    with_example: bool = True,
 ) -> RolloutStats:
-    """Play every task (and its retries) into ``store``; returns the counts of this call."""
+    """Play every task (and its retries) into ``store``; returns the counts of this call.
+    ``with_example``: the policy's prompt shows the 1-shot example (a3t.agent.react.react_chat)."""
     scheduler = _Scheduler(tasks, store, round_, cfg)
     stats = RolloutStats(skipped=scheduler.skipped())
     sampling = Sampling(temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens)
     active: list[_Episode] = []
     turn = 0
+    counted = (annotator.accepted, annotator.rejected, annotator.fallbacks)  # the annotator may serve several calls
     while True:
         while len(active) < cfg.parallel_episodes and (job := scheduler.pop()):
             active.append(_start(*job, cfg, env_cfg, round_))
         if not active:
             break
         turn += 1
-        choices = _choose_actions(active, policy, annotator, sampling, cfg, turn, stats)
+
+        def end(episode: _Episode, reward: float, won: bool, reason: TerminalReason | None = None) -> None:
+            active.remove(episode)
+            trajectory = _finish(episode, reward, won, round_, policy, annotator, reason)
+            store.append(trajectory)
+            if policy is not None:
+                policy.release([episode.episode_id])
+            annotator.llm.release([_actre_session(episode)])
+            scheduler.finished(episode.task.task_id, episode.attempt, trajectory.success)
+            stats.episodes += 1
+            stats.successes += trajectory.success
+
+        for episode in [e for e in active if e.task.script is None and not usable_actions(e.env)]:
+            log.warning("%s: the state offers no admissible action; the episode ends after %d steps",
+                        episode.episode_id, len(episode.steps))
+            end(episode, 0.0, False, TerminalReason.NO_ACTION)
+        choices = _choose_actions(active, policy, annotator, sampling, cfg, turn, stats, action_mode, with_example)
         for episode, (thought, action, explored) in zip(list(active), choices):
             t0 = time.perf_counter()
             step = episode.env.step(action)
@@ -160,15 +194,9 @@ def rollout(
                                             explored=explored, valid=step.valid))
             episode.invalid_in_a_row = 0 if step.valid else episode.invalid_in_a_row + 1
             if step.done:
-                active.remove(episode)
-                trajectory = _finish(episode, step.reward, step.won, round_, policy, annotator)
-                store.append(trajectory)
-                if policy is not None:
-                    policy.release([episode.episode_id])
-                annotator.llm.release([_actre_session(episode)])
-                scheduler.finished(episode.task.task_id, episode.attempt, trajectory.success)
-                stats.episodes += 1
-                stats.successes += trajectory.success
+                end(episode, step.reward, step.won)
+        stats.actre_accepted, stats.actre_rejected, stats.actre_fallbacks = (
+            now - before for now, before in zip((annotator.accepted, annotator.rejected, annotator.fallbacks), counted))
         if on_progress:
             on_progress(stats)
     return stats
@@ -189,12 +217,13 @@ def _page_format(episode: _Episode) -> PageFormat | None:
     return None if episode.task.shop is None else episode.task.shop.observation_format
 
 
-def _policy_chat(episode: _Episode) -> Chat:
+def _policy_chat(episode: _Episode, with_example: bool) -> Chat:
     """WebShop's prompt for a WebShop goal, else ALFWorld's in the game's phrasing."""
     first, webshop = episode.first, _page_format(episode)
     if webshop is not None:
-        return react_chat(first.task_type, first.observation, episode.steps, webshop=webshop)
-    return react_chat(first.task_type, first.observation, episode.steps, episode.env.phrasing)
+        return react_chat(first.task_type, first.observation, episode.steps, webshop=webshop, with_example=with_example)
+    return react_chat(first.task_type, first.observation, episode.steps, episode.env.phrasing,
+                      with_example=with_example)
 
 
 THOUGHT_START = "Thought:"
@@ -208,8 +237,10 @@ def _whole_reply(text: str, started: bool) -> str:
     return THOUGHT_START + text
 
 
-def _choose_actions(active, policy, annotator, sampling, cfg: RolloutConfig, turn: int, stats: RolloutStats):
-    """(thought, action, explored) for every active episode: one policy batch, one ActRe batch."""
+def _choose_actions(active, policy, annotator, sampling, cfg: RolloutConfig, turn: int, stats: RolloutStats,
+                    action_mode: ActionMode, with_example: bool):
+    """(thought, action, explored) for every active episode: one policy batch (constrained: one for
+    the thoughts, one for the actions), one ActRe batch."""
     choices: list[tuple[str, str, bool] | None] = [None] * len(active)
     asks, explores = [], []
     for i, ep in enumerate(active):
@@ -223,14 +254,21 @@ def _choose_actions(active, policy, annotator, sampling, cfg: RolloutConfig, tur
         # The reply is started with "Thought:" for the model: small models otherwise echo the
         # observation instead of answering in the ReAct format (SmolLM2-135M did, every turn).
         start = [{"role": "assistant", "content": THOUGHT_START}] if cfg.start_with_thought else []
-        chats = [_policy_chat(active[i]) + start for i in asks]
+        chats = [_policy_chat(active[i], with_example) + start for i in asks]
         seeded = Sampling(sampling.temperature, sampling.top_p, sampling.max_new_tokens, seed=cfg.seed * 100_003 + turn)
+        sessions = [active[i].episode_id for i in asks]
+        stop = stop_after_action_line if action_mode == "free" else stop_after_thought
         t0 = time.perf_counter()
-        completions = policy.complete(chats, seeded, stop_after_action_line, sessions=[active[i].episode_id for i in asks])
+        completions = policy.complete(chats, seeded, stop, sessions=sessions)
         _account(stats, [active[i] for i in asks], completions, time.perf_counter() - t0)
-        for i, completion in zip(asks, completions):
-            parsed = parse_turn(_whole_reply(completion.text, cfg.start_with_thought))
-            choices[i] = (parsed.thought, parsed.action, False)
+        parsed = [parse_turn(_whole_reply(c.text, cfg.start_with_thought)) for c in completions]
+        if action_mode == "free":
+            actions = [p.action for p in parsed]
+        else:
+            actions = _constrained_actions([active[i] for i in asks], chats, [p.thought for p in parsed], policy,
+                                           seeded, sessions, stats)
+        for i, p, action in zip(asks, parsed, actions):
+            choices[i] = (p.thought, action, False)
     if explores:
         requests = [ActReRequest(active[i].first.task_type, active[i].first.observation, active[i].steps, action,
                                  _page_format(active[i]))
@@ -241,6 +279,27 @@ def _choose_actions(active, policy, annotator, sampling, cfg: RolloutConfig, tur
         for (i, action, explored), (reason, _) in zip(explores, answers):
             choices[i] = (reason, action, explored)
     return choices
+
+
+def _constrained_actions(episodes, chats, thoughts, policy, sampling: Sampling, sessions, stats) -> list[str]:
+    """The action of each episode after its thought, decoded under the constraint of its state:
+    one of the admissible actions, or a search whose key words are free text (WebShop)."""
+    starts, options = zip(*(action_choices(e.env) for e in episodes))
+    chats = [chat[:-1] + [{"role": "assistant", "content": f"{format_turn(thought, '').rstrip()}{' ' + start if start else ''}"}]
+             for chat, thought, start in zip(chats, thoughts, starts)]
+    seeded = Sampling(sampling.temperature, sampling.top_p, sampling.max_new_tokens,
+                      seed=None if sampling.seed is None else sampling.seed + 1)
+    t0 = time.perf_counter()
+    completions = policy.complete(chats, seeded, stop_after_search, sessions=sessions, choices=list(options))
+    _account(stats, episodes, completions, time.perf_counter() - t0)
+    return [c.text if choices is not None else f"{start}{c.text.split(']')[0].strip()}]"
+            for c, start, choices in zip(completions, starts, options)]
+
+
+def stop_after_search(text: str) -> int | None:
+    """The key words of a search end at its "]" (or the line)."""
+    end = min((i for i in (text.find("]"), text.find("\n")) if i >= 0), default=-1)
+    return end + 1 if end >= 0 else None
 
 
 def _actre_session(episode: _Episode) -> str:
@@ -257,7 +316,8 @@ def _account(stats: RolloutStats, episodes, completions, seconds: float) -> None
         stats.completion_tokens += completion.completion_tokens
 
 
-def _finish(episode: _Episode, reward: float, won: bool, round_: int, policy, annotator) -> Trajectory:
+def _finish(episode: _Episode, reward: float, won: bool, round_: int, policy, annotator,
+            reason: TerminalReason | None = None) -> Trajectory:
     if episode.task.script is not None:
         source = "annotated"
     elif any(step.explored for step in episode.steps):
@@ -279,7 +339,7 @@ def _finish(episode: _Episode, reward: float, won: bool, round_: int, policy, an
         steps=episode.steps,
         reward=reward,
         success=won,
-        terminal_reason=episode.env.terminal_reason.value,
+        terminal_reason=(reason or episode.env.terminal_reason).value,
         model=model.name,
         adapter=model.adapter,
         timings={"wall": time.perf_counter() - episode.started, "llm": episode.llm_s, "env": episode.env_s},

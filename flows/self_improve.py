@@ -102,10 +102,11 @@ def run_round(cfg: Config, workspace: str, k: int) -> dict:
 def _round_steps(cfg: Config, workspace: str, k: int, parent_id: str, run_id: str) -> dict:
     started = time.perf_counter()
     llm_step = {"retries": cfg.pipeline.llm_task_retries, "retry_delay_seconds": 5}
+    annotated = None
     if k == 0 and cfg.pipeline.annotate_walkthroughs > 0:
-        steps.annotate_walkthroughs.with_options(**llm_step)(cfg, workspace, k)
+        annotated = steps.annotate_walkthroughs.with_options(**llm_step)(cfg, workspace, k)
     played = []
-    for step in (steps.rollout_shard, steps.explore_failures):
+    for step in (steps.rollout_shard, steps.explore_failures) if k > 0 or cfg.pipeline.play_round_0 else ():
         futures = [step.with_options(**llm_step).submit(cfg, workspace, k, shard)
                    for shard in range(cfg.pipeline.rollout_shards)]
         wait(futures)
@@ -119,6 +120,7 @@ def _round_steps(cfg: Config, workspace: str, k: int, parent_id: str, run_id: st
     summary = {
         "round": k,
         "campaign": cfg.pipeline.campaign,
+        "annotate": annotated,  # None: no walkthroughs annotated this round
         "rollout": played,
         "rollout_tokens_per_s": tokens / seconds if seconds else 0.0,
         "data": data,

@@ -165,14 +165,24 @@ def round_metrics(summary: dict) -> dict[str, float]:
         metrics["train/loss"] = summary["train"]["loss_per_epoch"][-1]
     metrics["rollout/tokens_per_s"] = summary["rollout_tokens_per_s"]
     metrics["round/wall_s"] = summary["wall_s"]
+    # ActRe's verdicts over the round's rollouts and walkthrough annotation, when they count them.
+    played = summary.get("rollout", []) + ([summary["annotate"]] if summary.get("annotate") else [])
+    for name in ("accepted", "rejected", "fallbacks"):
+        if any(f"actre_{name}" in p for p in played):
+            metrics[f"actre/{name}"] = sum(p.get(f"actre_{name}", 0) for p in played)
     for split, rates in summary["eval"].items():
+        k = rates["k"]
+        metrics[f"{split}/tasks"] = rates["tasks"]
         metrics[f"{split}/success"] = rates["success"]
-        metrics[f"{split}/success_within_{rates['k']}"] = rates["success_within_k"]
+        metrics[f"{split}/success_within_{k}"] = rates["success_within_k"]
+        # The 95% interval says whether a round's change is more than the noise of a small split.
+        for key, name in (("success", "success"), ("success_within_k", f"success_within_{k}")):
+            metrics[f"{split}/{name}_ci_low"], metrics[f"{split}/{name}_ci_high"] = rates[f"{key}_ci"]
         metrics[f"{split}/score"] = rates["score"]
-        metrics[f"{split}/score_within_{rates['k']}"] = rates["score_within_k"]
+        metrics[f"{split}/score_within_{k}"] = rates["score_within_k"]
         for kind, r in rates["per_type"].items():
             metrics[f"{split}/success/{kind}"] = r["success"]
-            metrics[f"{split}/success_within_{rates['k']}/{kind}"] = r["success_within_k"]
+            metrics[f"{split}/success_within_{k}/{kind}"] = r["success_within_k"]
     return metrics
 
 

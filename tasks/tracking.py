@@ -391,7 +391,8 @@ def round_history(workspace: str | Path, campaign: str, experiment: str = EXPERI
 
 
 def plot_success(history: list[dict[str, Any]], out_png: str | Path) -> Path:
-    """PNG of the success rate per round, overall and per task type, one panel per split."""
+    """PNG of the success rate per round, overall and per task type, one panel per split; error
+    bars on the rates whose 95% interval was logged (``<rate>_ci_low`` / ``_ci_high``)."""
     # The object API renders with Agg and never touches pyplot's global state or a display.
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
@@ -402,7 +403,7 @@ def plot_success(history: list[dict[str, Any]], out_png: str | Path) -> Path:
     task_types = sorted({k.rsplit("/", 1)[1] for h in history for k in h["metrics"] if k.startswith(per_task)})
     colors = {t: f"C{i % 10}" for i, t in enumerate(task_types)}
     fig = Figure(figsize=(6 * len(splits), 5), layout="constrained")
-    fig.suptitle("Success rate at the first attempt, per round")
+    with_bars = False
     axes = fig.subplots(1, len(splits), sharey=True, squeeze=False)[0]
     for ax, split in zip(axes, splits):
         lines = [(success_key(split), "overall", {"color": "black", "linewidth": 2.5})]
@@ -413,12 +414,23 @@ def plot_success(history: list[dict[str, Any]], out_png: str | Path) -> Path:
             if points:
                 ax.plot(*zip(*points), marker="o", label=label, **style)
                 drawn = True
+            # A round's gain smaller than the bars is not evidence (rounds logged before the
+            # intervals have none).
+            low, high = f"{key}_ci_low", f"{key}_ci_high"
+            with_ci = [h for h in history if {key, low, high} <= h["metrics"].keys()]
+            if with_ci:
+                m = [h["metrics"] for h in with_ci]
+                ax.errorbar([h["round"] for h in with_ci], [v[key] for v in m],
+                            yerr=[[v[key] - v[low] for v in m], [v[high] - v[key] for v in m]],
+                            fmt="none", ecolor=style["color"], capsize=4, alpha=0.6)
+                with_bars = True
         if not drawn:
             ax.text(0.5, 0.5, "no evaluation yet", ha="center", va="center", transform=ax.transAxes)
         ax.set(title=split, xlabel="round", ylim=(-0.03, 1.03))
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("success rate")
+    fig.suptitle("Success rate at the first attempt, per round" + (" (bars: 95% interval)" if with_bars else ""))
     handles, labels = axes[0].get_legend_handles_labels()
     for ax in axes[1:]:  # one legend for both panels; a task type may appear in one split only
         for handle, label in zip(*ax.get_legend_handles_labels()):

@@ -121,8 +121,16 @@ def test_each_round_is_tagged_and_committed_alone(ws):
 
 
 def test_second_round_trained_on_both_rounds(ws):
-    kept = [json.loads(line) for line in (round_data(ws, 1) / "train_set.jsonl").read_text().splitlines()]
-    assert {t["round"] for t in kept} == {0, 1}
+    """Round 1's training set is every trajectory of rounds 0 and 1 with a non-zero weight (smoke: pg)."""
+    from a3t.data import load_trajectories, reward_of, task_baselines, trajectory_weight
+
+    kept = [json.loads(line)["episode_id"] for line in (round_data(ws, 1) / "train_set.jsonl").read_text().splitlines()]
+    played = load_trajectories([f for k in (0, 1) for f in sorted(round_data(ws, k).glob("*.jsonl"))
+                                if f.name != "train_set.jsonl"])
+    assert {t.round for t in played} == {0, 1}
+    baselines = task_baselines(played, "pg")
+    expected = [t.episode_id for t in played if trajectory_weight(reward_of(t, "pg"), baselines[t.task_id], "pg")]
+    assert kept == expected and any(t.startswith("r0/") for t in kept)
     stats = json.loads((round_run(ws, 1) / "train" / "adapter" / "train_stats.json").read_text())
     assert stats["examples"] == len(kept)
 

@@ -70,3 +70,61 @@ def test_interactive_play_by_number_and_quit(games_root):
     )
     assert proc.returncode == 0, proc.stderr
     assert "> go to" in proc.stdout and "stopped." in proc.stdout
+
+
+def _rates(successes, within, tasks, ci=True):
+    from a3t.stats import wilson_interval
+
+    rates = {"k": 4, "tasks": tasks, "successes": successes, "success": successes / tasks,
+             "success_within_k": within / tasks, "score": 100 * successes / tasks, "score_within_k": 100 * within / tasks}
+    if ci:  # summaries written before the intervals lack these
+        rates |= {"success_ci": list(wilson_interval(successes, tasks)),
+                  "success_within_k_ci": list(wilson_interval(within, tasks))}
+    return rates
+
+
+def _render(renderable) -> str:
+    import io
+
+    from rich.console import Console
+
+    out = Console(file=io.StringIO(), width=250)
+    out.print(renderable)
+    return out.file.getvalue()
+
+
+def test_rates_table_shows_the_95_percent_intervals():
+    from a3t.cli import _rates_table
+
+    rates = _rates(6, 12, 24) | {"per_type": {"pick": _rates(1, 1, 12), "look": _rates(5, 11, 12)}}
+    text = _render(_rates_table("valid_unseen", rates))
+    assert "25.0% [12.0–44.9]" in text and "50.0% [31.4–68.6]" in text  # all 24 games
+    assert "8.3% [1.5–35.4]" in text  # 1 of 12 pick games
+    assert "first attempt [95% CI]" in text and "within 4 [95% CI]" in text
+
+
+def test_campaign_table_shows_intervals_and_games_per_split_and_round(tmp_path, monkeypatch):
+    import io
+
+    from rich.console import Console
+
+    from a3t import cli
+    from a3t.config import load_config
+    from a3t.pipeline import Workspace
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(cli, "console", Console(file=io.StringIO(), width=250))
+    cfg = load_config(overrides=["eval.splits=[valid_seen,valid_unseen]", "eval.attempts=4"])
+    ws = Workspace.of(cfg)
+    old = {"valid_seen": _rates(2, 3, 8, ci=False), "valid_unseen": _rates(1, 2, 8, ci=False)}
+    new = {"valid_seen": _rates(6, 12, 24), "valid_unseen": _rates(12, 24, 24)}
+    for k, evals in enumerate((old, new)):
+        ws.round_data(k).mkdir(parents=True)
+        ws.finish_round(k, {"data": {"collected": {"policy": 1, "explored": 0, "annotated": 0}},
+                            "train": {"loss_per_epoch": []}, "version": {"tag": f"a3t/x/round-{k}"}, "eval": evals})
+    cli._report_campaign(cfg, None)
+    text = cli.console.file.getvalue()
+    assert "8 games" in text and "24 games" in text
+    assert "25.0% [12.0–44.9]" in text and "50.0% [31.4–68.6]" in text  # round 1, valid_seen
+    assert "100.0% [86.2–100.0]" in text  # round 1, valid_unseen within 4
+    assert "12.5% [2.2–47.1]" in text  # round 0: its interval computed from the rate, 1 of 8

@@ -1,6 +1,7 @@
 """The OpenAI-compatible HTTP client and a3t's own server, against real HTTP servers on
 127.0.0.1: a3t's server (over a scripted model and over the tiny in-process model) and small
-stdlib servers that misbehave on purpose (sleep, 500, bad JSON, ...)."""
+stdlib servers that misbehave on purpose (sleep, 500, bad JSON, ignoring the action
+constraint, ...)."""
 
 from __future__ import annotations
 
@@ -101,7 +102,7 @@ class ScriptedLLM:
     def __init__(self) -> None:
         self.calls: list[tuple[list, Sampling]] = []
 
-    def complete(self, chats, sampling, stop=None, sessions=None):
+    def complete(self, chats, sampling, stop=None, sessions=None, choices=None):
         self.calls.append((chats, sampling))
         text = f"Think: {chats[0][-1]['content']}\nAction: go to desk 1\nObservation: made up\n"
         stopped = False
@@ -183,7 +184,7 @@ def test_server_rejects_malformed_request_with_400(body, needle):
 
 def test_server_unknown_path_and_model_failure():
     class Broken(ScriptedLLM):
-        def complete(self, chats, sampling, stop=None, sessions=None):
+        def complete(self, chats, sampling, stop=None, sessions=None, choices=None):
             raise RuntimeError("out of memory")
 
     with a3t_server(Broken()) as url:
@@ -350,3 +351,171 @@ def test_client_over_a3t_server_with_tiny_model(tiny_model_dir):
     for full, r in zip(out, ruled, strict=True):
         end = stop_after_action_line(full.text)
         assert r.text == (full.text if end is None else full.text[:end])
+
+
+# -- constrained decoding: the three wire forms, both sides --------------------------------------
+
+# A constrained chat continues the assistant's "Action:"; odd choices exercise the escaping.
+ACTION_CHAT = [{"role": "user", "content": "You are in a room."}, {"role": "assistant", "content": "Thought: t\nAction:"}]
+CHOICES = ["go to desk 1", 'say "hi"', "type a\\b", "two\nlines"]
+FORMS = ["json_schema", "guided_choice", "grammar"]
+CONSTRAINT_KEYS = {"response_format", "structured_outputs", "guided_choice", "grammar"}
+
+
+def reply_with(content, finish="stop"):
+    return {"choices": [{"message": {"role": "assistant", "content": content}, "finish_reason": finish}]}
+
+
+@pytest.mark.parametrize(
+    ("form", "content", "fields"),
+    [
+        ("json_schema", '"type a\\\\b"', {"response_format": {"type": "json_schema", "json_schema": {
+            "name": "action", "schema": {"type": "string", "enum": CHOICES}, "strict": True}}}),
+        ("guided_choice", " type a\\b", {"structured_outputs": {"choice": [" " + c for c in CHOICES]},
+                                          "guided_choice": [" " + c for c in CHOICES]}),
+        ("grammar", " type a\\b\n", {"grammar": 'root ::= " go to desk 1" | " say \\"hi\\"" | " type a\\\\b" | '
+                                                '" two\\nlines"'}),
+    ],
+)
+def test_client_sends_the_constraint_and_decodes_the_answer(form, content, fields):
+    with stdlib_server(lambda n, h: (200, reply_with(content, finish="length"))) as (url, seen):
+        [out] = OpenAICompatibleLLM(url, "m", structured_output=form, **FAST).complete(
+            [ACTION_CHAT], Sampling(), stop=lambda text: 0, choices=[CHOICES])
+        sent = json.loads(seen.requests[0][2])
+    assert {k: sent[k] for k in CONSTRAINT_KEYS & sent.keys()} == fields
+    assert sent["continue_final_message"] is True and sent["messages"] == ACTION_CHAT
+    # the choice itself, whole: the stop rule (cut at 0) does not apply, the choice ended it
+    assert out.text == "type a\\b" and out.stopped
+
+
+def test_free_chats_send_no_constraint():
+    def answer(n, headers):
+        return 200, reply_with('"go to desk 1"')
+
+    with stdlib_server(answer) as (url, seen):
+        client = OpenAICompatibleLLM(url, "m", concurrency=2, **FAST)
+        free, constrained = client.complete([CHAT, ACTION_CHAT], Sampling(), choices=[None, CHOICES])
+        client.complete([ACTION_CHAT], Sampling())
+        bodies = [json.loads(body) for _, _, body in seen.requests]
+    by_chat = {json.dumps(b["messages"]): b for b in bodies[:2]}
+    assert not CONSTRAINT_KEYS & by_chat[json.dumps(CHAT)].keys() and free.text == '"go to desk 1"'
+    assert "response_format" in by_chat[json.dumps(ACTION_CHAT)] and constrained.text == "go to desk 1"
+    assert not CONSTRAINT_KEYS & bodies[2].keys()  # choices=None: free text
+
+
+@pytest.mark.parametrize("content", ['  "go to desk 1"\n', "go to desk 1", '" go to desk 1 "'])
+def test_json_schema_reply_may_be_padded_or_bare(content):
+    with stdlib_server(lambda n, h: (200, reply_with(content))) as (url, seen):
+        [out] = OpenAICompatibleLLM(url, "m", **FAST).complete([ACTION_CHAT], Sampling(), choices=[CHOICES])
+    assert out.text == "go to desk 1"
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_server_that_ignores_the_constraint_is_an_error(form, monkeypatch):
+    key = "sk-test-constraint-0123456789"
+    monkeypatch.setenv("A3T_TEST_KEY", key)
+
+    def answer(n, headers):  # free text, and rude: it echoes the key
+        return 200, reply_with(f"Thought: {headers.get('Authorization')}\nAction: go to desk 1")
+
+    with stdlib_server(answer) as (url, seen):
+        client = OpenAICompatibleLLM(url, "m", api_key_env="A3T_TEST_KEY", structured_output=form, backoff_s=0.01)
+        with pytest.raises(LLMServerError) as info:
+            client.complete([ACTION_CHAT], Sampling(), choices=[CHOICES])
+        assert seen.count == 1  # not retried: the server would ignore it again
+    message = str(info.value)
+    assert f"{url}/chat/completions" in message and f"llm.structured_output={form}" in message
+    assert "ignored the action constraint" in message and "none of the 4 admissible actions" in message
+    others = [other for other in FORMS if other != form]
+    assert f"try llm.structured_output={others[0]} (" in message and f" or {others[1]} (" in message
+    assert key not in message and "Bearer ***" in message
+
+
+def test_constrained_reply_cut_at_max_tokens_says_so():
+    with stdlib_server(lambda n, h: (200, reply_with('"go to de', finish="length"))) as (url, seen):
+        with pytest.raises(LLMServerError, match=r"stopped at max_tokens=3"):
+            OpenAICompatibleLLM(url, "m", **FAST).complete([ACTION_CHAT], Sampling(max_new_tokens=3), choices=[CHOICES])
+
+
+def test_client_checks_choices_and_setting():
+    client = OpenAICompatibleLLM("http://127.0.0.1:9/v1", "m", **FAST)
+    with pytest.raises(ValueError, match="2 chats but 1 choice lists"):
+        client.complete([CHAT, CHAT], Sampling(), choices=[CHOICES])
+    with pytest.raises(ValueError, match="at least one choice"):
+        client.complete([ACTION_CHAT], Sampling(), choices=[[]])
+    with pytest.raises(ValueError, match="structured_output must be one of"):
+        OpenAICompatibleLLM("http://127.0.0.1:9/v1", "m", structured_output="regex", **FAST)
+
+
+class ChoosingLLM(ScriptedLLM):
+    """Records the choices it is given; a constrained chat gets its last choice."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.choices: list = []
+
+    def complete(self, chats, sampling, stop=None, sessions=None, choices=None):
+        self.choices.append(choices)
+        if choices is None:
+            return super().complete(chats, sampling, stop)
+        return [Completion(text=options[-1], prompt_tokens=3, completion_tokens=2, stopped=True) for options in choices]
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_client_over_a3t_server_with_each_constraint_form(form):
+    llm = ChoosingLLM()
+    with a3t_server(llm) as url:
+        client = OpenAICompatibleLLM(url, "m", structured_output=form, concurrency=1, **FAST)
+        constrained, free = client.complete([ACTION_CHAT, CHAT], Sampling(), choices=[CHOICES, None])
+    assert constrained == Completion(text="two\nlines", prompt_tokens=3, completion_tokens=2, stopped=True)
+    assert free.text.startswith("Think: hi")
+    # the model got the protocol's choices: unescaped, and without the space the client put in front
+    assert llm.choices == [[CHOICES], None]
+
+
+@pytest.mark.parametrize(
+    ("fields", "content"),
+    [
+        ({"response_format": {"type": "json_schema",
+                              "json_schema": {"name": "a", "schema": {"type": "string", "enum": ["a b", "c"]}}}}, '"c"'),
+        ({"structured_outputs": {"choice": [" a b", " c"]}}, " c"),  # the space goes back in front
+        ({"guided_choice": ["a b", "c"]}, "c"),
+        ({"grammar": 'root ::= " a b"\n  | " c"'}, " c"),
+    ],
+)
+def test_a3t_server_answers_in_the_form_asked(fields, content):
+    llm = ChoosingLLM()
+    with a3t_server(llm) as url:
+        reply = httpx.post(f"{url}/chat/completions", json={"messages": ACTION_CHAT, **fields}).json()
+    assert reply["choices"][0]["message"]["content"] == content
+    assert reply["choices"][0]["finish_reason"] == "stop" and llm.choices == [[["a b", "c"]]]
+
+
+@pytest.mark.parametrize(
+    ("fields", "param", "needle"),
+    [
+        ({"response_format": {"type": "json_object"}}, "response_format", "no other schema"),
+        ({"response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "object"}}}},
+         "response_format", "string"),
+        ({"response_format": {"type": "json_schema", "json_schema": {"schema": {"enum": [1, 2]}}}},
+         "response_format.json_schema.schema.enum", "non-empty list of strings"),
+        ({"structured_outputs": {"regex": "a+"}}, "structured_outputs", "no other structured output"),
+        ({"structured_outputs": {"choice": []}}, "structured_outputs.choice", "non-empty list of strings"),
+        ({"guided_choice": "a"}, "guided_choice", "non-empty list of strings"),
+        ({"grammar": "root ::= [a-z]+"}, "grammar", "alternation of string literals"),
+        ({"grammar": 'root ::= "a" | b'}, "grammar", "alternation of string literals"),
+        ({"grammar": 'root ::= "\\q"'}, "grammar", "alternation of string literals"),
+        ({"guided_regex": "a+"}, "guided_regex", "not supported"),
+        ({"guided_choice": ["a"], "grammar": 'root ::= "a"'}, "guided_choice", "several constraints"),
+        ({"guided_choice": ["a"], "structured_outputs": {"choice": ["b"]}}, "structured_outputs",
+         "several constraints"),
+    ],
+)
+def test_a3t_server_rejects_malformed_constraint_with_400(fields, param, needle):
+    llm = ChoosingLLM()
+    with a3t_server(llm) as url:
+        response = httpx.post(f"{url}/chat/completions", json={"messages": ACTION_CHAT, **fields})
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["param"] == param and needle in error["message"] and param in error["message"]
+    assert llm.choices == []

@@ -14,6 +14,7 @@ from a3t.pipeline import (
     spread_over_task_types,
     success_rates,
 )
+from a3t.stats import wilson_interval
 from a3t.trajectory import StepRecord, Trajectory, TrajectoryStore
 
 STEP = StepRecord(thought="I go.", action="go to desk 1", observation="You arrive at desk 1.")
@@ -46,8 +47,41 @@ def test_success_rates_first_attempt_and_within_k():
     rates = success_rates(trajectories, attempts=2)
     assert rates["tasks"] == 4 and rates["k"] == 2
     assert rates["success"] == 0.25 and rates["success_within_k"] == 0.5
-    assert rates["per_type"]["pick_and_place_simple"] == {"tasks": 3, "success": 1 / 3, "success_within_k": 2 / 3}
+    pick = rates["per_type"]["pick_and_place_simple"]
+    assert (pick["tasks"], pick["successes"], pick["success"], pick["success_within_k"]) == (3, 1, 1 / 3, 2 / 3)
     assert rates["per_type"]["look_at_obj_in_light"]["success_within_k"] == 0.0
+    # Each rate comes with its 95% Wilson interval, as a JSON-ready [low, high] list.
+    assert rates["successes"] == 1
+    assert rates["success_ci"] == list(wilson_interval(1, 4))
+    assert rates["success_within_k_ci"] == list(wilson_interval(2, 4))
+    assert pick["success_ci"] == list(wilson_interval(1, 3))
+    assert rates["per_type"]["look_at_obj_in_light"]["success_within_k_ci"] == list(wilson_interval(0, 1))
+    assert json.loads(json.dumps(rates)) == rates  # the round summary stores it as is
+
+
+def test_evaluation_games_cover_every_task_type(tmp_path, monkeypatch):
+    """eval.tasks games spread over the task types, not the first N sorted (all of one type)."""
+    import a3t.pipeline as pipeline
+
+    split = tmp_path / "json_2.1.1" / "valid_unseen"
+    for kind in ("look_at_obj", "pick_and_place", "pick_two_obj"):
+        for i in range(3):
+            game = split / f"{kind}-Obj-None-Desk-{i}" / "trial" / "game.tw-pddl"
+            game.parent.mkdir(parents=True)
+            game.write_text("{}")
+    played = []
+
+    def rollout(tasks, *args, **kwargs):
+        played.append([t.task_id for t in tasks])
+
+    monkeypatch.setattr("a3t.rollout.rollout", rollout)
+    monkeypatch.setattr(pipeline, "load_agents", lambda cfg, adapter=None: (None, None))
+    cfg = load_config(overrides=["eval.tasks=3", "eval.attempts=2"])
+    rates = pipeline.evaluate_policy(cfg, tmp_path, "valid_unseen", None, tmp_path / "eval.jsonl")
+    assert rates["tasks"] == 0  # nothing played by the stub
+    assert len(played) == 2 and played[0] == played[1]
+    types = sorted(task_id.split("/")[-2].split("-")[0] for task_id in played[0])  # valid_unseen/<task>/trial
+    assert types == ["look_at_obj", "pick_and_place", "pick_two_obj"]
 
 
 def test_training_set_keeps_every_round_and_only_nonzero_weights(tmp_path):

@@ -56,10 +56,14 @@ class StubLLM:
 
 
 def _actre_stub(phrasing="put"):
-    """ActRe stub: 'Thought: reason for <the action>'."""
+    """ActRe stub: 'Thought: <words of its own> reason for <the action>'. The words differ at every
+    call, so its reasons never read as copies of earlier ones (ActRe's echo check)."""
+    calls = itertools.count()
+
     def answer(chat, session):
-        action = re.search(r"^Next action: (.*)$", chat[-1]["content"], re.MULTILINE).group(1)
-        return f"Thought: reason for {action}"
+        action = re.findall(r"^Action: (.*)$", chat[-2]["content"], re.MULTILINE)[-1]  # the one to explain
+        n = next(calls)
+        return f"Thought: {' '.join(f'w{n}x{i}' for i in range(8))} reason for {action}"
     return ActReAnnotator(StubLLM(answer, name="actre-stub"), phrasing=phrasing)
 
 
@@ -112,7 +116,7 @@ def test_exploration_share_is_p_explore(tmp_path, unseen):
     for s in steps:
         assert s.valid  # "look" is always admissible; explored actions are admissible ones
         if s.explored:
-            assert s.action != "help" and s.thought == f"reason for {s.action}"
+            assert s.action != "help" and s.thought.endswith(f" reason for {s.action}")
         else:
             assert (s.thought, s.action) == ("I look around.", "look")
 

@@ -184,6 +184,48 @@ def test_plot_without_evaluations(tmp_path):
     assert png.read_bytes().startswith(b"\x89PNG")
 
 
+def round_summary(rollout=(), annotate=None):
+    """A round summary as flows/self_improve.py writes it, by hand: 6 of 24 valid_unseen games won."""
+    ci, ci_within = [0.119992, 0.448998], [0.314271, 0.685729]
+    rates = {"k": 4, "tasks": 24, "successes": 6, "success": 0.25, "success_ci": ci,
+             "success_within_k": 0.5, "success_within_k_ci": ci_within, "score": 25.0, "score_within_k": 50.0,
+             "per_type": {"pick": {"tasks": 24, "successes": 6, "success": 0.25, "success_ci": ci,
+                                   "success_within_k": 0.5, "success_within_k_ci": ci_within}}}
+    return {"data": {"collected": {"policy": 3}, "train_set": {"policy": 2}}, "train": {"loss_per_epoch": [1.0]},
+            "rollout_tokens_per_s": 10.0, "wall_s": 60.0, "rollout": list(rollout), "annotate": annotate,
+            "eval": {"valid_unseen": rates}}
+
+
+def test_round_metrics_log_the_intervals_and_actre_counts():
+    from tasks.steps import round_metrics
+
+    shards = [{"episodes": 4, "actre_accepted": 3, "actre_rejected": 1, "actre_fallbacks": 0},
+              {"episodes": 2, "actre_accepted": 2, "actre_rejected": 0, "actre_fallbacks": 1}]
+    annotate = {"episodes": 5, "actre_accepted": 10, "actre_rejected": 2, "actre_fallbacks": 1}
+    metrics = round_metrics(round_summary(shards, annotate))
+    assert metrics["valid_unseen/tasks"] == 24 and metrics["valid_unseen/success"] == 0.25
+    assert (metrics["valid_unseen/success_ci_low"], metrics["valid_unseen/success_ci_high"]) == (0.119992, 0.448998)
+    assert metrics["valid_unseen/success_within_4_ci_low"] == 0.314271
+    assert metrics["valid_unseen/success_within_4_ci_high"] == 0.685729
+    assert (metrics["actre/accepted"], metrics["actre/rejected"], metrics["actre/fallbacks"]) == (15, 3, 2)
+    # Rollouts that count no ActRe verdicts (and a round without annotation) log none.
+    bare = round_metrics(round_summary([{"episodes": 4}]))
+    assert not any(name.startswith("actre/") for name in bare)
+    assert all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in metrics.values())
+
+
+def test_plot_draws_the_intervals(tmp_path):
+    rounds = [{"valid_unseen/success": 0.25, "valid_unseen/success/pick": 0.25},
+              {"valid_unseen/success": 0.5, "valid_unseen/success/pick": 0.5}]
+    plain = tracking.plot_success([{"round": k, "metrics": m} for k, m in enumerate(rounds)], tmp_path / "a.png")
+    intervals = [{"valid_unseen/success_ci_low": m["valid_unseen/success"] - 0.1,
+                  "valid_unseen/success_ci_high": m["valid_unseen/success"] + 0.2} for m in rounds]
+    history = [{"round": k, "metrics": m | ci} for k, (m, ci) in enumerate(zip(rounds, intervals))]
+    history[0]["metrics"].pop("valid_unseen/success_ci_high")  # a round logged without: no bar, no error
+    barred = tracking.plot_success(history, tmp_path / "b.png")
+    assert barred.read_bytes().startswith(b"\x89PNG") and barred.read_bytes() != plain.read_bytes()
+
+
 def campaign_with_rounds(workspace, tmp_path, scores):
     parent = tracking.campaign_run(workspace, "c1", CONFIG)
     results = []

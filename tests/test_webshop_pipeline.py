@@ -17,7 +17,7 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from a3t.agent.actre import ActReAnnotator, ActReRequest, actre_chat  # noqa: E402
+from a3t.agent.actre import ActReAnnotator, ActReRequest, action_first_transcript, actre_chat  # noqa: E402
 from a3t.agent.examples import webshop_example  # noqa: E402
 from a3t.agent.react import WEBSHOP_SYSTEM, example_text, parse_turn, react_chat  # noqa: E402
 from a3t.annotate import webshop_walkthrough_tasks  # noqa: E402
@@ -59,7 +59,7 @@ class StubLLM:
 
 def _actre_stub() -> ActReAnnotator:
     def answer(chat):
-        return "Thought: reason for " + re.search(r"^Next action: (.*)$", chat[-1]["content"], re.M).group(1)
+        return "Thought: reason for " + re.findall(r"^Action: (.*)$", chat[-2]["content"], re.M)[-1]
     return ActReAnnotator(StubLLM(answer, name="actre-stub"))
 
 
@@ -100,7 +100,8 @@ def test_config_errors_name_the_key(overrides, message):
 
 def test_tasks_and_envs_of_the_local_shop_and_of_a_server():
     tasks = train_tasks(SMOKE, Workspace(".", "x"))
-    assert [t.task_id for t in tasks] == [f"train/{i}" for i in range(4)]  # smoke: pipeline.train_tasks=4
+    # smoke: pipeline.train_tasks=4, after the 2 goals whose walkthroughs round 0 annotates
+    assert [t.task_id for t in tasks] == [f"train/{i}" for i in range(2, 6)]
     assert all(t.game is None and t.shop == SMOKE.webshop for t in tasks)
     env = make_env(tasks[0], SMOKE.env, 6)
     assert isinstance(env, WebShopEnv) and env.site is shop_site(SMOKE.webshop) and env.max_steps == 6
@@ -150,8 +151,9 @@ def test_webshop_prompts(fmt):
     request = ActReRequest("fashion", "WebShop ...", [], "click[Buy Now]", webshop=fmt)
     actre = actre_chat(request, "put")
     assert actre[0]["content"].startswith("You explain the actions of an agent shopping in a web shop")
-    assert example_text(webshop_example(fmt)) in actre[0]["content"]
-    assert actre[1]["content"].endswith("Next action: click[Buy Now]\nWrite the agent's thought that leads to this action.")
+    example = webshop_example(fmt)
+    assert action_first_transcript(example.observation, example.steps) in actre[0]["content"]
+    assert actre[1]["content"].endswith("\nAction: click[Buy Now]") and actre[2]["content"] == "Thought:"
     # ALFWorld's prompts are unchanged by default.
     assert "household" in react_chat("pick_and_place_simple", "obs", [])[0]["content"]
     assert WEBSHOP_SYSTEM not in react_chat("pick_and_place_simple", "obs", [])[0]["content"]
@@ -331,7 +333,7 @@ def test_one_webshop_round_through_the_cli(tmp_path, monkeypatch):
     annotated = list(TrajectoryStore(data / "annotated.jsonl").read())
     assert len(annotated) == 2 and all(t.env == "webshop" and t.success for t in annotated)
     played = list(TrajectoryStore(data / "rollout-0.jsonl").read())
-    assert {t.task_id for t in played} == {"train/0", "train/1"} and all(t.env == "webshop" for t in played)
+    assert {t.task_id for t in played} == {"train/2", "train/3"} and all(t.env == "webshop" for t in played)
     assert not (ws / "data" / "games").exists() and not (ws / "data" / "games.dvc").exists()
     assert (ws / "data" / "trajectories.dvc").is_file()
     summary = json.loads((ws / "data" / "runs" / "default" / "round_0" / "round.json").read_text())

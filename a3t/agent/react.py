@@ -27,22 +27,17 @@ SYSTEM = """You are an agent in a household. You solve the task you are given by
 Each turn you see the result of your last action and answer with exactly two lines:
 Thought: <your reasoning about what to do next>
 Action: <one command>
-Commands: {commands}. Name things exactly as you see them, e.g. "cabinet 1".
-
-Here is an example of a solved task.
-
-{example}"""
+Commands: {commands}. Name things exactly as you see them, e.g. "cabinet 1".{example}"""
 
 WEBSHOP_SYSTEM = """You are an agent shopping in a web shop. You buy the product that the instruction describes.
 Each turn you see the page your last action led to and answer with exactly two lines:
 Thought: <your reasoning about what to do next>
 Action: <one action>
 Actions: search[<key words>] on the search page; click[<text>] for a button, a product's id or an option value \
-shown on the page, e.g. click[Next >] or click[Buy Now]. Choose the options the instruction asks for before you buy.
-
-Here is an example of a solved task.
-
+shown on the page, e.g. click[Next >] or click[Buy Now]. Choose the options the instruction asks for before you buy.\
 {example}"""
+
+EXAMPLE_INTRO = "\n\nHere is an example of a solved task.\n\n"
 
 
 def transcript(initial_observation: str, steps) -> str:
@@ -66,13 +61,15 @@ def example_text(example: Example) -> str:
 
 
 def react_chat(task_type: str, initial_observation: str, steps: list[StepRecord], phrasing: Phrasing = "put",
-               webshop: PageFormat | None = None) -> Chat:
-    """The policy's chat: instruction and example, then the episode so far as turns. ALFWorld's
-    prompt in ``phrasing``, or (``webshop``: its page format) WebShop's."""
+               webshop: PageFormat | None = None, with_example: bool = True) -> Chat:
+    """The policy's chat: instruction and (``with_example``) the 1-shot example, then the episode so
+    far as turns. ALFWorld's prompt in ``phrasing``, or (``webshop``: its page format) WebShop's."""
     if webshop is not None:
-        system = WEBSHOP_SYSTEM.format(example=example_text(webshop_example(webshop)))
+        template, example = WEBSHOP_SYSTEM, webshop_example(webshop)
     else:
-        system = SYSTEM.format(commands=_COMMANDS[phrasing], example=example_text(example_for(task_type, phrasing)))
+        template, example = SYSTEM, example_for(task_type, phrasing)
+    system = template.format(commands=_COMMANDS[phrasing],
+                             example=EXAMPLE_INTRO + example_text(example) if with_example else "")
     chat = [{"role": "system", "content": system}, {"role": "user", "content": initial_observation}]
     for step in steps:
         chat.append({"role": "assistant", "content": format_turn(step.thought, step.action)})

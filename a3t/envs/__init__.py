@@ -48,6 +48,23 @@ def make_env(task: Task, env_cfg: EnvConfig, max_steps: int) -> TextEnv:
                       observation_format=task.shop.observation_format)
 
 
+def action_choices(env: TextEnv) -> tuple[str, list[str] | None]:
+    """What a constrained action is chosen from: (the start written for the model, the choices).
+    ALFWorld: the admissible commands (without "help", which only prints the command list);
+    WebShop: the clickables as click[...], or, on the search page, any search: the action starts
+    "search[" and the model writes the key words (choices None: free text up to "]")."""
+    from a3t.envs.webshop import BrowserEnv
+
+    if isinstance(env, BrowserEnv) and env.has_search_bar:
+        return "search[", None
+    return "", usable_actions(env)
+
+
+def usable_actions(env: TextEnv) -> list[str]:
+    """The actions worth taking in the state: the admissible ones without ALFWorld's "help"."""
+    return [a for a in env.admissible_actions if a != "help"]
+
+
 def explore_action(env: TextEnv, rng: random.Random) -> str:
     """A3T's exploration: an action sampled from the environment's valid ones. ALFWorld: an
     admissible command ("help" only prints the command list: sampling it wastes a step);
@@ -56,4 +73,4 @@ def explore_action(env: TextEnv, rng: random.Random) -> str:
 
     if isinstance(env, BrowserEnv):
         return explore_webshop(env, rng)
-    return rng.choice([a for a in env.admissible_actions if a != "help"])
+    return rng.choice(usable_actions(env))

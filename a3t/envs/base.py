@@ -14,6 +14,7 @@ class TerminalReason(str, Enum):
     WON = "won"
     STEP_LIMIT = "step_limit"
     PURCHASED = "purchased"  # WebShop: bought a product that is not a full match (0 <= reward < 1)
+    NO_ACTION = "no_admissible_action"  # the state offered no action: the rollout ends the episode
 
 
 @dataclass(frozen=True)

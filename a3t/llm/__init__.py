@@ -12,7 +12,8 @@ def load_llm(cfg: LLMConfig) -> LLM:
         from a3t.llm.openai_http import OpenAICompatibleLLM
 
         return OpenAICompatibleLLM(cfg.base_url, cfg.model, api_key_env=cfg.api_key_env,
-                                   timeout_s=cfg.timeout_s, max_retries=cfg.max_retries)
+                                   timeout_s=cfg.timeout_s, max_retries=cfg.max_retries,
+                                   structured_output=cfg.structured_output)
     from a3t.llm.models import resolve_model_path
     from a3t.llm.transformers_llm import TransformersLLM
 

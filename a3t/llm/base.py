@@ -45,10 +45,16 @@ class LLM(Protocol):
         sampling: Sampling,
         stop: StopRule | None = None,
         sessions: list[str] | None = None,
+        choices: list[list[str] | None] | None = None,
     ) -> list[Completion]:
         """Complete each chat with one assistant turn. ``sessions`` names the episode of each
         chat: a backend may keep a session's encoded history and encode only what was added
-        since its last call. ``release`` forgets sessions."""
+        since its last call. ``release`` forgets sessions.
+
+        ``choices[i]`` (constrained decoding): the completion of chat i is exactly one of these
+        texts, each continuing the chat's last (assistant) message after one space, as in
+        "Action:" + " go to desk 1"; the completion's text is the choice itself, without the
+        space, and the stop rule does not apply to it. None (for the call or a chat): free text."""
         ...
 
     def release(self, sessions: list[str]) -> None: ...
@@ -82,6 +88,16 @@ def stop_after_action_line(text: str) -> int | None:
         if match.group(1).strip(" \t*_`'\"") and match.end() < len(text):  # its newline is there
             return match.end() + 1
     return observation.start() if observation is not None else None
+
+
+def stop_after_thought(text: str) -> int | None:
+    """A thought whose action is chosen next (constrained actions): it ends at the end of its
+    line, or where the model starts an "Action:" or "Observation:" line."""
+    labels = [m.start() for m in (ACTION_LINE.search(text), _OBSERVATION_START.search(text)) if m]
+    if labels:
+        return min(labels)
+    match = re.search(r"\S[^\n]*\n", text)
+    return match.end() - 1 if match else None
 
 
 def stop_after_first_line(text: str) -> int | None:

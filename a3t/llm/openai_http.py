@@ -8,6 +8,22 @@ pool over one ``httpx.Client``); the server batches and caches prefixes on its s
 The stop rule is a Python callable, which no server understands: it is applied here, to the
 text the server returns.
 
+Constrained chats (``choices``) carry the server's own structured-output constraint, in the
+form ``structured_output`` names, since servers understand different ones:
+
+* ``json_schema``: ``response_format`` with the schema ``{"type": "string", "enum": choices}``
+  (vLLM, the llama.cpp server, llama-cpp-python's server, OpenAI); the reply is that JSON string.
+* ``guided_choice``: vLLM's ``structured_outputs.choice``, and the same list as the older
+  top-level ``guided_choice`` (removed in vLLM 0.12), so that old and new vLLM both get it.
+* ``grammar``: the llama.cpp server's GBNF ``grammar``, ``root ::= "a" | "b" | ...``.
+
+With the last two, a chat that continues its assistant message ("...Action:") gets each choice
+with the protocol's one space in front (" go to desk 1"), so the model writes the words with
+the tokens it has in "Action: go to desk 1", not glued to the colon. The reply, stripped (and
+JSON-decoded), must be one of the choices: a server that ignores the constraint would
+otherwise feed the agent free text as an action, so that is an :class:`LLMServerError` naming
+the setting to change.
+
 The API key is read once, from the environment variable named by ``api_key_env``, and sent
 as ``Authorization: Bearer ...``. It never appears in ``repr``, logs or error messages (a
 server that echoes it back in an error body gets it masked).
@@ -31,6 +47,7 @@ log = logging.getLogger(__name__)
 
 _SNIPPET_CHARS = 300
 _MAX_RETRY_AFTER_S = 60.0
+STRUCTURED_OUTPUTS = ("json_schema", "guided_choice", "grammar")
 
 
 class LLMServerError(RuntimeError):
@@ -55,7 +72,8 @@ class OpenAICompatibleLLM:
     are repeated, with exponential backoff ``backoff_s * 2**k`` (or the server's
     ``Retry-After`` if longer), on connection errors, timeouts, HTTP 429 and 5xx. Other 4xx
     and malformed replies fail at once. ``timeout_s`` bounds each network wait (connect,
-    send, each read), not the whole request.
+    send, each read), not the whole request. ``structured_output`` is how constrained chats
+    are asked for (see the module docstring).
     """
 
     adapter: str | None = None
@@ -69,6 +87,7 @@ class OpenAICompatibleLLM:
         max_retries: int = 3,
         backoff_s: float = 1.0,
         concurrency: int = 8,
+        structured_output: str = "json_schema",
     ):
         if not base_url.startswith(("http://", "https://")):
             raise ValueError(f"base_url must start with http:// or https://, got {base_url!r}")
@@ -78,6 +97,8 @@ class OpenAICompatibleLLM:
             raise ValueError(f"max_retries (attempts in all) must be >= 1, got {max_retries}")
         if concurrency < 1:
             raise ValueError(f"concurrency must be >= 1, got {concurrency}")
+        if structured_output not in STRUCTURED_OUTPUTS:
+            raise ValueError(f"structured_output must be one of {STRUCTURED_OUTPUTS}, got {structured_output!r}")
         self.base_url = base_url.rstrip("/")
         self.url = f"{self.base_url}/chat/completions"
         self.name = model
@@ -88,6 +109,7 @@ class OpenAICompatibleLLM:
         self.max_retries = int(max_retries)
         self.backoff_s = float(backoff_s)
         self.concurrency = int(concurrency)
+        self.structured_output = structured_output
         key = os.environ.get(api_key_env) if api_key_env else None
         self._api_key: str | None = key or None
         headers = {"Content-Type": "application/json"}
@@ -104,7 +126,8 @@ class OpenAICompatibleLLM:
         return (
             f"OpenAICompatibleLLM(base_url={self.base_url!r}, model={self.name!r}, "
             f"api_key_env={self.api_key_env!r} ({key}), timeout_s={self.timeout_s}, "
-            f"max_retries={self.max_retries}, concurrency={self.concurrency})"
+            f"max_retries={self.max_retries}, concurrency={self.concurrency}, "
+            f"structured_output={self.structured_output!r})"
         )
 
     # -- the LLM protocol -------------------------------------------------------------------
@@ -115,15 +138,21 @@ class OpenAICompatibleLLM:
         sampling: Sampling,
         stop: StopRule | None = None,
         sessions: list[str] | None = None,
+        choices: list[list[str] | None] | None = None,
     ) -> list[Completion]:
         if sessions is not None and len(sessions) != len(chats):
             raise ValueError(f"{len(chats)} chats but {len(sessions)} sessions")
+        if choices is not None and len(choices) != len(chats):
+            raise ValueError(f"{len(chats)} chats but {len(choices)} choice lists")
+        choices = choices or [None] * len(chats)
+        if any(options is not None and not options for options in choices):
+            raise ValueError("a constrained chat needs at least one choice")
         if not chats:
             return []
         if len(chats) == 1 or self.concurrency == 1:
-            return [self._complete_one(chat, sampling, stop) for chat in chats]
+            return [self._complete_one(*job, sampling, stop) for job in zip(chats, choices)]
         with ThreadPoolExecutor(max_workers=min(self.concurrency, len(chats))) as pool:
-            futures = [pool.submit(self._complete_one, chat, sampling, stop) for chat in chats]
+            futures = [pool.submit(self._complete_one, *job, sampling, stop) for job in zip(chats, choices)]
             return [future.result() for future in futures]
 
     def release(self, sessions: list[str]) -> None:
@@ -140,7 +169,7 @@ class OpenAICompatibleLLM:
 
     # -- one request --------------------------------------------------------------------------
 
-    def _payload(self, chat: Chat, sampling: Sampling) -> dict[str, Any]:
+    def _payload(self, chat: Chat, sampling: Sampling, choices: list[str] | None) -> dict[str, Any]:
         payload: dict[str, Any] = {
             "model": self.name,
             "messages": chat,
@@ -150,14 +179,31 @@ class OpenAICompatibleLLM:
         }
         if sampling.seed is not None:
             payload["seed"] = sampling.seed
-        if chat and chat[-1]["role"] == "assistant":
+        continued = bool(chat) and chat[-1]["role"] == "assistant"
+        if continued:
             # Continue the reply the chat starts (vLLM's and a3t's server's extension; other servers
             # answer with a new reply, which the agent's parser reads as well).
             payload |= {"continue_final_message": True, "add_generation_prompt": False}
+        if choices is not None:
+            payload |= self._constraint(choices, continued)
         return payload
 
-    def _complete_one(self, chat: Chat, sampling: Sampling, stop: StopRule | None) -> Completion:
-        data = self._post_with_retries(self._payload(chat, sampling))
+    def _constraint(self, choices: list[str], continued: bool) -> dict[str, Any]:
+        """The request fields that restrict the reply to ``choices``."""
+        if self.structured_output == "json_schema":
+            # No space here: the JSON string starts with its quote, the space would sit inside it.
+            schema = {"name": "action", "schema": {"type": "string", "enum": choices}, "strict": True}
+            return {"response_format": {"type": "json_schema", "json_schema": schema}}
+        if continued:  # the protocol's space after "Action:" (module docstring)
+            choices = [" " + c for c in choices]
+        if self.structured_output == "guided_choice":
+            return {"structured_outputs": {"choice": choices}, "guided_choice": choices}
+        return {"grammar": "root ::= " + " | ".join(gbnf_literal(c) for c in choices)}
+
+    def _complete_one(
+        self, chat: Chat, choices: list[str] | None, sampling: Sampling, stop: StopRule | None
+    ) -> Completion:
+        data = self._post_with_retries(self._payload(chat, sampling, choices))
         try:
             choice = data["choices"][0]
             text = choice["message"]["content"]
@@ -171,8 +217,11 @@ class OpenAICompatibleLLM:
                 f"reply from LLM server at {self.url} has a non-text choices[0].message.content "
                 f"({type(text).__name__}): {self._snippet(json.dumps(data))}"
             )
-        stopped = choice.get("finish_reason") == "stop" if isinstance(choice, dict) else False
-        if stop is not None:
+        finish = choice.get("finish_reason") if isinstance(choice, dict) else None
+        stopped = finish == "stop"
+        if choices is not None:
+            text, stopped = self._chosen(text, choices, finish, sampling), True
+        elif stop is not None:
             cut = stop(text)
             if cut is not None:
                 text = text[:cut]
@@ -183,6 +232,29 @@ class OpenAICompatibleLLM:
             prompt_tokens=_count(usage, "prompt_tokens"),
             completion_tokens=_count(usage, "completion_tokens"),
             stopped=stopped,
+        )
+
+    def _chosen(self, text: str, choices: list[str], finish: Any, sampling: Sampling) -> str:
+        """The choice a constrained reply names, or the error of a server that ignored the constraint."""
+        answer = text.strip()
+        if self.structured_output == "json_schema" and answer not in choices:
+            try:
+                decoded = json.loads(answer)
+            except ValueError:
+                decoded = None
+            if isinstance(decoded, str):
+                answer = decoded.strip()
+        if answer in choices:
+            return answer
+        others = " or ".join(f"{o} ({SERVERS[o]})" for o in STRUCTURED_OUTPUTS if o != self.structured_output)
+        hint = (f"this server may not support {self.structured_output} structured output — "
+                f"try llm.structured_output={others}")
+        if finish == "length":  # a constrained reply cut short is not one of the choices either
+            hint = f"the reply stopped at max_tokens={sampling.max_new_tokens}, maybe too few for the action; or {hint}"
+        raise LLMServerError(
+            f"LLM server at {self.url} ignored the action constraint "
+            f"(llm.structured_output={self.structured_output}): it answered '{self._snippet(text)}', which is "
+            f"none of the {len(choices)} admissible actions; {hint}"
         )
 
     def _post_with_retries(self, payload: dict[str, Any]) -> Any:
@@ -258,6 +330,15 @@ class OpenAICompatibleLLM:
         except (ValueError, KeyError, TypeError):
             pass
         return self._snippet(response.text)
+
+
+SERVERS = {"json_schema": "vLLM, llama.cpp, OpenAI", "guided_choice": "vLLM", "grammar": "llama.cpp"}
+
+
+def gbnf_literal(text: str) -> str:
+    """``text`` as a GBNF string literal: quoted, with backslash, quote and line breaks escaped."""
+    escaped = text.replace("\\", "\\\\").replace('"', '\\"')
+    return '"' + escaped.replace("\n", "\\n").replace("\r", "\\r").replace("\t", "\\t") + '"'
 
 
 def _count(usage: Any, key: str) -> int:

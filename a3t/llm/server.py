@@ -13,6 +13,16 @@ Endpoints:
   refused. The reply has ``id``, ``object``, ``created``, ``model``,
   ``choices[0].message.content``, ``choices[0].finish_reason`` (``stop`` or ``length``) and
   ``usage``.
+* Constrained decoding, in the three forms :mod:`a3t.llm.openai_http` sends: ``response_format``
+  ``{"type": "json_schema", "json_schema": {"schema": {"type": "string", "enum": [...]}}}``
+  (the reply is the choice as a JSON string), vLLM's ``structured_outputs: {"choice": [...]}``
+  and/or ``guided_choice: [...]``, or a llama.cpp ``grammar`` that is exactly
+  ``root ::= "a" | "b" | ...`` (the reply is the bare choice). The model is called with
+  ``choices``; on a continued assistant message, choices that all start with a space get it
+  stripped (it is the protocol's space after "Action:", which the model adds itself) and put
+  back in the reply. Any other constraint (other schemas, grammars or structured outputs,
+  ``guided_json`` ...) is refused with 400 rather than ignored: an unconstrained answer would
+  pass for a constrained one.
 * ``GET /v1/models``: the one model served.
 
 Errors are JSON, ``{"error": {"message", "type", "param", "code"}}``: 400 for a malformed
@@ -27,12 +37,13 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import threading
 import time
 import uuid
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, NamedTuple
 
 from a3t.llm.base import LLM, Chat, Sampling, StopRule
 
@@ -182,6 +193,91 @@ def _stop_strings_rule(stop: Any) -> StopRule | None:
     return rule
 
 
+class Constraint(NamedTuple):
+    """A request's restriction of the reply to one of ``choices``."""
+
+    choices: list[str]  # as the model gets them
+    lead: str  # put back before the choice in the reply: what was stripped from each
+    as_json: bool  # the reply is the choice as a JSON string (response_format)
+
+    def reply(self, text: str) -> str:
+        return json.dumps(self.lead + text) if self.as_json else self.lead + text
+
+
+# Constraint fields of vLLM and llama.cpp that this server cannot honour.
+_UNSUPPORTED = ("guided_json", "guided_regex", "guided_grammar", "json_schema")
+_ESCAPE = r'\\(?:x[0-9a-fA-F]{2}|u[0-9a-fA-F]{4}|U[0-9a-fA-F]{8}|[nrt"\\\[\]])'  # GBNF's escapes
+_LITERAL = rf'"(?:[^"\\\n]|{_ESCAPE})*"'
+_ALTERNATION = re.compile(rf"\s*root\s*::=\s*{_LITERAL}(?:\s*\|\s*{_LITERAL})*\s*")
+_UNESCAPED = {"n": "\n", "r": "\r", "t": "\t"}
+
+
+def parse_constraint(body: dict, chat: Chat) -> Constraint | None:
+    """The constraint of a chat-completions request, None if it has none, or ``BadRequest``."""
+    for key in _UNSUPPORTED:
+        if body.get(key) is not None:
+            raise BadRequest(f"{key} is not supported: constrain the reply with response_format (a string enum), "
+                             "structured_outputs.choice, guided_choice or grammar (an alternation of strings)", key)
+    found: dict[str, list[str]] = {}
+    fmt = body.get("response_format")
+    if fmt is not None and fmt != {"type": "text"}:
+        found["response_format"] = _enum_choices(fmt)
+    outputs = body.get("structured_outputs")
+    if outputs is not None:
+        if not isinstance(outputs, dict) or {k for k, v in outputs.items() if v is not None} != {"choice"}:
+            raise BadRequest(f"structured_outputs must be {{choice: [...]}} (no other structured output is "
+                             f"supported), got {_short(outputs)}", "structured_outputs")
+        found["structured_outputs"] = _texts(outputs["choice"], "structured_outputs.choice")
+    if body.get("guided_choice") is not None:
+        found["guided_choice"] = _texts(body["guided_choice"], "guided_choice")
+    if body.get("grammar") is not None:
+        found["grammar"] = _grammar_choices(body["grammar"])
+    if not found:
+        return None
+    # vLLM clients send the same list as structured_outputs.choice and guided_choice (old and new vLLM).
+    if len(found) > 1 and not (found.keys() == {"structured_outputs", "guided_choice"}
+                               and found["structured_outputs"] == found["guided_choice"]):
+        raise BadRequest(f"the request gives several constraints ({', '.join(found)}): give one "
+                         "(structured_outputs.choice and guided_choice may come together with the same list)",
+                         next(iter(found)))
+    choices = next(iter(found.values()))
+    lead = ""
+    if chat[-1]["role"] == "assistant" and all(c.startswith(" ") for c in choices):
+        choices, lead = [c[1:] for c in choices], " "
+    return Constraint(choices, lead, "response_format" in found)
+
+
+def _enum_choices(fmt: Any) -> list[str]:
+    spec = fmt.get("json_schema") if isinstance(fmt, dict) and fmt.get("type") == "json_schema" else None
+    schema = spec.get("schema") if isinstance(spec, dict) else None
+    if not (isinstance(schema, dict) and schema.get("type", "string") == "string" and "enum" in schema):
+        raise BadRequest("response_format must be {type: 'text'} or {type: 'json_schema', json_schema: {schema: "
+                         f"{{type: 'string', enum: [...]}}}}}} (no other schema is supported), got {_short(fmt)}",
+                         "response_format")
+    return _texts(schema["enum"], "response_format.json_schema.schema.enum")
+
+
+def _texts(value: Any, param: str) -> list[str]:
+    if not (isinstance(value, list) and value and all(isinstance(v, str) for v in value)):
+        raise BadRequest(f"{param} must be a non-empty list of strings, got {_short(value)}", param)
+    return value
+
+
+def _grammar_choices(grammar: Any) -> list[str]:
+    if not (isinstance(grammar, str) and _ALTERNATION.fullmatch(grammar)):
+        raise BadRequest('grammar must be a GBNF alternation of string literals, root ::= "a" | "b" | ... '
+                         f"(no other grammar is supported), got {_short(grammar)}", "grammar")
+    try:
+        return [re.sub(_ESCAPE, _unescape, literal[1:-1]) for literal in re.findall(_LITERAL, grammar)]
+    except ValueError:  # a \U escape beyond Unicode
+        raise BadRequest(f"grammar has an escape that is no character: {_short(grammar)}", "grammar") from None
+
+
+def _unescape(match: re.Match) -> str:
+    code = match.group()[1:]
+    return chr(int(code[1:], 16)) if code[0] in "xuU" else _UNESCAPED.get(code, code)
+
+
 # -- the handler ------------------------------------------------------------------------------
 
 
@@ -209,16 +305,19 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             body = self._read_json()
             chat, sampling, stop = parse_chat_request(body, self.server.default_max_tokens)
+            constraint = parse_constraint(body, chat)
         except BadRequest as exc:
             self._send_error(HTTPStatus.BAD_REQUEST, str(exc), "invalid_request_error", exc.param)
             return
         try:
             with self.server.lock:
-                [completion] = self.server.llm.complete([chat], sampling, stop=stop)
+                choices = None if constraint is None else [constraint.choices]
+                [completion] = self.server.llm.complete([chat], sampling, stop=stop, choices=choices)
         except Exception as exc:  # the model failed: say so, keep serving
             log.exception("the model failed on a chat-completions request")
             self._send_error(HTTPStatus.INTERNAL_SERVER_ERROR, f"the model failed: {type(exc).__name__}: {exc}", "server_error")
             return
+        content = completion.text if constraint is None else constraint.reply(completion.text)
         reply = {
             "id": f"chatcmpl-{uuid.uuid4().hex}",
             "object": "chat.completion",
@@ -227,7 +326,7 @@ class _Handler(BaseHTTPRequestHandler):
             "choices": [
                 {
                     "index": 0,
-                    "message": {"role": "assistant", "content": completion.text},
+                    "message": {"role": "assistant", "content": content},
                     "finish_reason": "stop" if completion.stopped else "length",
                 }
             ],

@@ -27,6 +27,12 @@ keeps the draft tokens the model would have picked itself, plus the model's next
 Greedy text is unchanged; sampling stays exact (speculative sampling). Rejected draft
 tokens leave masked holes in the cache, closed when the room runs out.
 
+Constrained rows (``choices``) decode under a token trie of their choices: at every position
+the logits of tokens that continue no choice are masked out before the token is picked (greedy
+or sampled, drafts verified the same way), so a row can only ever write one of its choices, and
+a choice's tokens are the ones it has in context, end-of-turn token included. A draft follows
+the trie: the prompt-lookup draft as far as the trie allows it, then the tokens the trie forces.
+
 After the prompt is encoded, each session keeps its real positions only. Generated
 tokens are not kept: the agent writes the assistant turn back into the chat in its
 canonical "Thought: ...\\nAction: ..." form, and that text is encoded with the next
@@ -229,6 +235,46 @@ def _shared_prefixes(prompts: list[list[int]], cached: list[int], min_shared: in
     return sorted((list(p) for p in found), key=len)
 
 
+class _ChoiceTrie:
+    """A row's choices as a token trie: a node is a dict token -> child; a node where a choice's
+    tokens end holds the choice text under the key None."""
+
+    def __init__(self, sequences: dict[str, list[int]]):
+        self.root: dict = {}
+        self.longest = max(len(ids) for ids in sequences.values())
+        for text, ids in sequences.items():
+            node = self.root
+            for token in ids:
+                node = node.setdefault(token, {})
+            node.setdefault(None, text)  # of two choices with the same tokens, the first one
+
+    def walk(self, node: dict, tokens: list[int]) -> dict | None:
+        """The node after ``tokens`` from ``node``; None if they leave the trie."""
+        for token in tokens:
+            node = node.get(token)
+            if node is None:
+                return None
+        return node
+
+    @staticmethod
+    def allowed(node: dict) -> list[int]:
+        return [token for token in node if token is not None]
+
+    def draft(self, node: dict, lookup: list[int], budget: int) -> list[int]:
+        """The lookup draft as far as the trie allows it, then the tokens the trie forces."""
+        taken: list[int] = []
+        for token in lookup:
+            if len(taken) >= budget or token not in node:
+                break
+            taken.append(token)
+            node = node[token]
+        while len(taken) < budget and len(node) == 1 and None not in node:
+            token = next(iter(node))
+            taken.append(token)
+            node = node[token]
+        return taken
+
+
 class TransformersLLM:
     """Any local HF causal LM folder, optionally with a peft adapter and 4-bit weights."""
 
@@ -281,13 +327,18 @@ class TransformersLLM:
         sampling: Sampling,
         stop: StopRule | None = None,
         sessions: list[str] | None = None,
+        choices: list[list[str] | None] | None = None,
     ) -> list[Completion]:
         if not chats:
             return []
         sessions = sessions or [None] * len(chats)
+        choices = choices or [None] * len(chats)
         # Tokenize the whole chat (cheap next to the model), as training will, so the
         # tokens the model sees are exactly the ones it is later trained on.
-        prompts = [self.tokenizer(self.render(chat), add_special_tokens=False)["input_ids"] for chat in chats]
+        texts = [self.render(chat) for chat in chats]
+        prompts = [self.tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
+        tries = [None if options is None else self._trie(chat, text, ids, options)
+                 for chat, text, ids, options in zip(chats, texts, prompts, choices)]
         pasts = [self._past(ids, session) for ids, session in zip(prompts, sessions)]
         for _ in range(SHARE_ROUNDS):  # shortest first: a longer shared prefix starts from a shorter one
             prefixes = _shared_prefixes(prompts, [p.length if p else 0 for p in pasts], MIN_SHARED_TOKENS)
@@ -298,12 +349,35 @@ class TransformersLLM:
         new_ids = [ids[past.length :] if past else ids for ids, past in zip(prompts, pasts)]
 
         # Room for the turn; rejected draft tokens leave holes, closed (compact) if it runs out.
-        batch, logits = self._prefill(pasts, new_ids, extra_columns=2 * sampling.max_new_tokens + self.draft_tokens)
+        turn = max([sampling.max_new_tokens] + [t.longest for t in tries if t is not None])
+        batch, logits = self._prefill(pasts, new_ids, extra_columns=2 * turn + self.draft_tokens)
         for slot, row in enumerate(batch.order):
             if sessions[row]:
                 self._sessions[sessions[row]] = batch.session(slot, prompts[row])
-        completions = self._decode(batch, logits[:, -1], sampling, stop, prompts)
+        completions = self._decode(batch, logits[:, -1], sampling, stop, prompts, tries)
         return [Completion(c.text, len(ids), c.completion_tokens, c.stopped) for c, ids in zip(completions, new_ids)]
+
+    def _trie(self, chat: Chat, prompt_text: str, prompt_ids: list[int], options: list[str]) -> _ChoiceTrie:
+        """The token trie of a chat's choices: each choice's tokens as they are in the whole
+        rendered turn (the chat's last message + " " + the choice, closed by the template), up to
+        and including the end-of-turn token."""
+        if not options:
+            raise ValueError("a constrained chat needs at least one choice")
+        if not chat or chat[-1]["role"] != "assistant":
+            raise ValueError("a constrained chat ends with the assistant message its choice continues")
+        head = chat[:-1]
+        texts = [self.tokenizer.apply_chat_template(head + [{"role": "assistant", "content": chat[-1]["content"]
+                                                              + " " + option}], tokenize=False)
+                 for option in options]
+        sequences = {}
+        for option, ids in zip(options, self.tokenizer(texts, add_special_tokens=False)["input_ids"]):
+            if ids[: len(prompt_ids)] != prompt_ids:
+                raise ValueError(f"the tokenizer merges the choice {option!r} into the prompt's last token: "
+                                 "end the constrained message where a new word starts (e.g. after 'Action:')")
+            tail = ids[len(prompt_ids) :]
+            end = next((i for i, token in enumerate(tail) if token in self._end_ids), len(tail) - 1)
+            sequences[option] = tail[: end + 1]
+        return _ChoiceTrie(sequences)
 
     def _past(self, ids: list[int], session: str | None) -> _Session | None:
         """The longest encoded prefix of ``ids``: the session's own, another session's, or a shared one."""
@@ -413,7 +487,8 @@ class TransformersLLM:
             picks.append(taken + [torch.multinomial(rest, 1, generator=generator).item()])
         return picks
 
-    def _decode(self, batch: _Batch, logits, sampling: Sampling, stop: StopRule | None, prompts: list[list[int]]):
+    def _decode(self, batch: _Batch, logits, sampling: Sampling, stop: StopRule | None, prompts: list[list[int]],
+                tries: list[_ChoiceTrie | None]):
         rows = logits.shape[0]
         generator = None
         if sampling.temperature > 0 and sampling.seed is not None:
@@ -421,14 +496,20 @@ class TransformersLLM:
         generated: list[list[int]] = [[] for _ in range(rows)]
         texts = [""] * rows
         stopped = [False] * rows
+        nodes = [trie.root if trie else None for trie in tries]  # a constrained row's place in its trie
         if sampling.max_new_tokens <= 0:
             batch.active = 0
         # picks[slot]: the tokens a slot's last forward gave it; the last of them is not in the cache yet
-        picks = self._verify(logits.unsqueeze(1), [[]] * rows, sampling, generator)
+        logits = self._constrain(logits.unsqueeze(1), batch, nodes, [[]] * rows)
+        picks = self._verify(logits, [[]] * rows, sampling, generator)
         while True:
             finished = []
             for slot in range(batch.active):
                 row = batch.order[slot]
+                if nodes[row] is not None:
+                    if self._take_choice(row, picks[slot], nodes, generated, texts, stopped):
+                        finished.append(slot)
+                    continue
                 for token in picks[slot]:
                     if token in self._end_ids:
                         stopped[row] = True
@@ -452,7 +533,8 @@ class TransformersLLM:
             active = slice(0, batch.active)
             # Each row's draft: what followed the latest earlier occurrence of its last tokens in its
             # prompt or generation (ReAct turns copy names and phrases from the observations).
-            drafts = [_draft(prompts[row] + generated[row], self._draft_budget(generated[row], sampling))
+            drafts = [self._row_draft(prompts[row] + generated[row], tries[row], nodes[row],
+                                      self._draft_budget(generated[row], sampling, tries[row]))
                       for row in batch.order[: batch.active]]
             width = 1 + max(len(draft) for draft in drafts)
             if batch.end + width > batch.mask.shape[1]:
@@ -465,7 +547,7 @@ class TransformersLLM:
             mask = batch.mask[active, : batch.end + width]
             positions = batch.lengths[active].unsqueeze(-1) + torch.arange(width, device=self.device)
             logits = self._forward(input_ids, mask, positions, batch.cache(active, 0, batch.end), keep=width)
-            picks = self._verify(logits, drafts, sampling, generator)
+            picks = self._verify(self._constrain(logits, batch, nodes, drafts), drafts, sampling, generator)
             for slot, (draft, taken) in enumerate(zip(drafts, picks)):
                 # in the cache now: the last token and the draft tokens kept; rejected ones are holes
                 batch.mask[slot, batch.end + len(taken) : batch.end + 1 + len(draft)] = 0
@@ -474,9 +556,48 @@ class TransformersLLM:
         return [Completion(text=texts[b], prompt_tokens=0, completion_tokens=len(generated[b]), stopped=stopped[b])
                 for b in range(rows)]
 
-    def _draft_budget(self, generated: list[int], sampling: Sampling) -> int:
-        """Draft tokens worth checking: the row can take at most max_new_tokens - 1 more after the next."""
-        return max(0, min(self.draft_tokens, sampling.max_new_tokens - len(generated) - 1))
+    def _draft_budget(self, generated: list[int], sampling: Sampling, trie: _ChoiceTrie | None) -> int:
+        """Draft tokens worth checking: the row can take at most max_new_tokens - 1 more after the next
+        (a constrained row: its longest choice)."""
+        limit = sampling.max_new_tokens if trie is None else trie.longest
+        return max(0, min(self.draft_tokens, limit - len(generated) - 1))
+
+    @staticmethod
+    def _row_draft(context: list[int], trie: _ChoiceTrie | None, node: dict | None, budget: int) -> list[int]:
+        if trie is None:
+            return _draft(context, budget)
+        return trie.draft(node, _draft(context, budget), budget)
+
+    @staticmethod
+    def _constrain(logits: torch.Tensor, batch: _Batch, nodes: list, drafts: list[list[int]]) -> torch.Tensor:
+        """Mask, for each constrained slot and each position of its forward (its last token, then
+        its draft), the tokens that continue none of its choices. A position after a draft token
+        that leaves the trie, or ends a choice, is never used: verification stops there."""
+        for slot in range(logits.shape[0]):
+            node = nodes[batch.order[slot]]
+            for n in range(len(drafts[slot]) + 1):
+                allowed = _ChoiceTrie.allowed(node) if node is not None else []
+                if not allowed:  # past the end of a choice (or off the trie): a position never used
+                    break
+                keep = torch.tensor(allowed, dtype=torch.long, device=logits.device)
+                row = logits[slot, n]
+                masked = torch.full_like(row, float("-inf"))
+                masked[keep] = row[keep]
+                logits[slot, n] = masked
+                node = node.get(drafts[slot][n]) if n < len(drafts[slot]) else None
+        return logits
+
+    def _take_choice(self, row: int, picks: list[int], nodes: list, generated, texts, stopped) -> bool:
+        """A constrained row takes its picked tokens (all in its trie); True when it has written a
+        whole choice, which is then its text."""
+        for token in picks:
+            generated[row].append(token)
+            nodes[row] = nodes[row][token]
+            if None in nodes[row] and (token in self._end_ids or len(nodes[row]) == 1):
+                texts[row], stopped[row] = nodes[row][None], True
+                generated[row] = [t for t in generated[row] if t not in self._end_ids]
+                return True
+        return False
 
 
 def _draft(context: list[int], budget: int) -> list[int]:
