@@ -125,6 +125,7 @@ WEBSHOP = ActReRequest("fashion", "WebShop [SEP] Instruction: [SEP] a jacket in 
     (REQUESTS[0], "I pick up the apple 1 from the countertop 1", "echo"),  # the last observation: 7 of 8 3-grams
     (REQUESTS[0], "a cabinet 2, a cabinet 1, a countertop 1, a fridge 1", "echo"),  # the room of the first one
     (REQUESTS[0], "You need to cool the apple 1.", "echo"),  # the environment's voice, not the agent's
+    (REQUESTS[0], "You're in the middle of a room.", "echo"),
     (REQUESTS[0], "i look for the apple", "echo"),  # an earlier thought, word for word
     (REQUESTS[0], "I look for the fridge.", None),  # an earlier thought's frame, for this action
     (REQUESTS[0], "I need to put a cool apple in countertop.", None),  # the task sentence may be restated

@@ -89,9 +89,9 @@ def parse_reason(text: str) -> str:
 
 # How observations (ALFWorld's, WebShop's) and other transcript lines begin. ALFWorld's speak to
 # the agent ("You arrive at ..."); a thought is the agent's own, in the first person, so one that
-# begins with "You " narrates (or invents) an observation.
+# begins with "You " or "You're" narrates (or invents) an observation.
 _OBSERVATION_STARTS = (
-    "observation", "action", "next action", "you ", "looking quickly", "on the ", "in it, ", "nothing happens",
+    "observation", "action", "next action", "you ", "you'", "looking quickly", "on the ", "in it, ", "nothing happens",
     "your task is to", "instruction:", "webshop", "[back to search]", "your score",
 )
 _OBJECT = re.compile(r"\b([a-z]+) (\d+)\b")  # an ALFWorld object or receptacle: "cabinet 3"
