@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 from a3t.agent.examples import PageFormat, example_for, webshop_example
 from a3t.envs.alfworld import Phrasing
 from a3t.llm.base import LLM, Chat, Completion, Sampling, stop_after_first_line
+from a3t.agent.react import transcript
 from a3t.trajectory import StepRecord
 
 SYSTEM = """You explain the actions of an agent {setting}.
@@ -44,13 +45,7 @@ class ActReRequest:
 def action_first_transcript(initial_observation: str, steps) -> str:
     """Observation / Action / Thought lines: the order in which ActRe sees a step (the action,
     then its reason). ``steps`` are (thought, action, observation) triples or StepRecords."""
-    lines = [f"Observation: {initial_observation}"]
-    for step in steps:
-        thought, action, observation = (
-            (step.thought, step.action, step.observation) if isinstance(step, StepRecord) else step
-        )
-        lines += [f"Action: {action}", f"{THOUGHT_START} {thought}", f"Observation: {observation}"]
-    return "\n".join(lines)
+    return transcript(initial_observation, steps, action_first=True)
 
 
 def actre_chat(request: ActReRequest, phrasing: Phrasing) -> Chat:

@@ -40,15 +40,17 @@ shown on the page, e.g. click[Next >] or click[Buy Now]. Choose the options the 
 EXAMPLE_INTRO = "\n\nHere is an example of a solved task.\n\n"
 
 
-def transcript(initial_observation: str, steps) -> str:
-    """A text transcript: Observation / Thought / Action lines. ``steps`` are
-    (thought, action, observation) triples or StepRecords."""
+def transcript(initial_observation: str, steps, action_first: bool = False) -> str:
+    """A text transcript: Observation / Thought / Action lines (``action_first``: Action before
+    Thought, the order in which ActRe sees a step). ``steps`` are (thought, action, observation)
+    triples or StepRecords."""
     lines = [f"Observation: {initial_observation}"]
     for step in steps:
         thought, action, observation = (
             (step.thought, step.action, step.observation) if isinstance(step, StepRecord) else step
         )
-        lines += [f"Thought: {thought}", f"Action: {action}", f"Observation: {observation}"]
+        turn = [f"Thought: {thought}", f"Action: {action}"]
+        lines += (turn[::-1] if action_first else turn) + [f"Observation: {observation}"]
     return "\n".join(lines)
 
 
