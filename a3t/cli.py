@@ -284,7 +284,7 @@ def train_command(
     console.print(f"{len(examples)} weighted trajectories ({t.loss} loss) from {len(data)} file(s)")
     epochs = t.epochs_first_round if round_ == 0 else t.epochs_later_rounds
     start = None if t.from_base_each_round else init_adapter
-    stats = train_adapter(examples, base, out, t, epochs, init_adapter=start, dtype=cfg.llm.dtype, device=cfg.llm.device)
+    stats = train_adapter(examples, base, out, t, epochs, init_adapter=start, device=cfg.llm.device)
     console.print_json(data=stats)
     console.print(f"adapter: {out / 'adapter'}")
 
@@ -473,10 +473,28 @@ def _report_campaign(cfg: Config, wall_s: float | None) -> None:
                       *[_split_cell(s["eval"][sp]) if sp in s["eval"] else "-" for sp in cfg.eval.splits],
                       *scores, s["version"]["tag"])
     console.print(table)
+    _report_stage_times(ws, rounds)
     if wall_s is not None:
         console.print(f"wall time {wall_s / 60:.1f} min")
     console.print("MLflow:   [bold]a3t ui[/bold]  (then http://127.0.0.1:5000, experiment a3t)")
     console.print(f"DVC:      [bold]git tag -l 'a3t/{ws.campaign}/*'[/bold]   roll back: [bold]a3t rollback TAG[/bold]")
+
+
+def _report_stage_times(ws, rounds: list[int]) -> None:
+    """Where each round's time went (seconds per stage, as in MLflow's time/<stage>_s)."""
+    from a3t.pipeline import STAGES
+
+    times = {k: ws.round_summary(k).get("time_s") for k in rounds}
+    times = {k: t for k, t in times.items() if t}  # rounds finished before stage times were kept have none
+    if not times:
+        return
+    stages = [stage for stage in STAGES if any(stage in t for t in times.values())]
+    table = Table("round", *[Column(f"{stage}\n(min)", justify="right") for stage in stages],
+                  Column("total\n(min)", justify="right"), title="time per stage")
+    for k, t in times.items():
+        table.add_row(str(k), *[f"{t[stage] / 60:.1f}" if stage in t else "-" for stage in stages],
+                      f"{sum(t.values()) / 60:.1f}")
+    console.print(table)
 
 
 if __name__ == "__main__":

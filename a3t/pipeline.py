@@ -36,6 +36,8 @@ if TYPE_CHECKING:
     from a3t.rollout import Task
 
 TRAIN_SET = "train_set.jsonl"
+# A round's stages in the order they run; the flow records each one's wall time (MLflow: time/<stage>_s).
+STAGES = ("annotate", "rollout", "explore", "filter", "version", "train", "eval")
 
 
 @dataclass(frozen=True)
@@ -298,7 +300,7 @@ def train_round(cfg: Config, ws: Workspace, round_: int) -> dict:
     epochs = t.epochs_first_round if round_ == 0 else t.epochs_later_rounds
     start = None if t.from_base_each_round else policy_adapter(ws, round_ - 1)
     return train_adapter(examples, base, ws.adapter(round_).parent, t, epochs, init_adapter=start,
-                         dtype=cfg.llm.dtype, device=cfg.llm.device)
+                         device=cfg.llm.device)
 
 
 def evaluate_split(cfg: Config, ws: Workspace, round_: int, split: str) -> dict:

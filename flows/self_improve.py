@@ -9,12 +9,13 @@ One run at a time per workspace (a lock).
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 
 from prefect import flow
 from prefect.futures import wait
 
 from a3t.config import Config, PipelineConfig, load_config
-from a3t.pipeline import Workspace
+from a3t.pipeline import STAGES, Workspace
 from a3t.versioning import WorkspaceError, workspace_lock
 from tasks import steps
 
@@ -99,22 +100,39 @@ def run_round(cfg: Config, workspace: str, k: int) -> dict:
         raise
 
 
+@contextmanager
+def _timed(times: dict[str, float], stage: str):
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        times[stage] = times.get(stage, 0.0) + time.perf_counter() - start
+
+
 def _round_steps(cfg: Config, workspace: str, k: int, parent_id: str, run_id: str) -> dict:
     started = time.perf_counter()
+    times: dict[str, float] = {}  # this run's seconds per stage (a resumed round: what was left to do)
     llm_step = {"retries": cfg.pipeline.llm_task_retries, "retry_delay_seconds": 5}
     annotated = None
     if k == 0 and cfg.pipeline.annotate_walkthroughs > 0:
-        annotated = steps.annotate_walkthroughs.with_options(**llm_step)(cfg, workspace, k)
+        with _timed(times, "annotate"):
+            annotated = steps.annotate_walkthroughs.with_options(**llm_step)(cfg, workspace, k)
     played = []
-    for step in (steps.rollout_shard, steps.explore_failures) if k > 0 or cfg.pipeline.play_round_0 else ():
-        futures = [step.with_options(**llm_step).submit(cfg, workspace, k, shard)
-                   for shard in range(cfg.pipeline.rollout_shards)]
-        wait(futures)
-        played += [f.result() for f in futures]
-    data = steps.filter_trajectories(cfg, workspace, k)
-    version = steps.version_dataset(cfg, workspace, k)
-    train = steps.train(cfg, workspace, k)
-    evals = {split: steps.evaluate.with_options(**llm_step)(cfg, workspace, k, split) for split in cfg.eval.splits}
+    play = k > 0 or cfg.pipeline.play_round_0
+    for stage, step in (("rollout", steps.rollout_shard), ("explore", steps.explore_failures)) if play else ():
+        with _timed(times, stage):
+            futures = [step.with_options(**llm_step).submit(cfg, workspace, k, shard)
+                       for shard in range(cfg.pipeline.rollout_shards)]
+            wait(futures)
+            played += [f.result() for f in futures]
+    with _timed(times, "filter"):
+        data = steps.filter_trajectories(cfg, workspace, k)
+    with _timed(times, "version"):
+        version = steps.version_dataset(cfg, workspace, k)
+    with _timed(times, "train"):
+        train = steps.train(cfg, workspace, k)
+    with _timed(times, "eval"):
+        evals = {split: steps.evaluate.with_options(**llm_step)(cfg, workspace, k, split) for split in cfg.eval.splits}
     tokens = sum(p["completion_tokens"] for p in played)
     seconds = sum(p["completion_tokens"] / p["tokens_per_s"] for p in played if p["tokens_per_s"] > 0)
     summary = {
@@ -128,6 +146,7 @@ def _round_steps(cfg: Config, workspace: str, k: int, parent_id: str, run_id: st
         "train": train,
         "eval": evals,
         "wall_s": time.perf_counter() - started,
+        "time_s": {stage: times[stage] for stage in STAGES if stage in times},
         "tracking": {"campaign_run": parent_id, "round_run": run_id},
     }
     summary["registered"] = steps.register(cfg, workspace, k, run_id, parent_id, summary)

@@ -165,6 +165,7 @@ def round_metrics(summary: dict) -> dict[str, float]:
         metrics["train/loss"] = summary["train"]["loss_per_epoch"][-1]
     metrics["rollout/tokens_per_s"] = summary["rollout_tokens_per_s"]
     metrics["round/wall_s"] = summary["wall_s"]
+    metrics |= {f"time/{stage}_s": seconds for stage, seconds in summary.get("time_s", {}).items()}
     # ActRe's verdicts over the round's rollouts and walkthrough annotation, when they count them.
     played = summary.get("rollout", []) + ([summary["annotate"]] if summary.get("annotate") else [])
     for name in ("accepted", "rejected", "fallbacks"):

@@ -37,6 +37,11 @@ def ws(tmp_path_factory):
     return root
 
 
+# The smoke campaign, with round 0 trained for 4 epochs: the kill point "an epoch checkpointed"
+# then leaves epochs to go (with smoke's 2, a fast machine finished the last one before the kill).
+RUN = ("run", "--profile", "smoke", "train.epochs_first_round=4")
+
+
 def a3t(ws: Path, env: dict, *args: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "a3t.cli", *args], cwd=ws, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
@@ -83,27 +88,31 @@ def episode_ids(ws: Path) -> list[str]:
 
 def test_killed_mid_rollout_and_mid_training_then_resumed(ws, env):
     # 1. Killed while round 0's policy rollout is writing episodes.
-    run = a3t(ws, env, "run", "--profile", "smoke")
+    run = a3t(ws, env, *RUN)
     kill_when(run, lambda: lines(round_data(ws, 0) / "rollout-0.jsonl") >= 1)
     before = episode_ids(ws)
     assert before
 
     # 2. Rerun, killed mid-training (epoch 1 of 2 checkpointed, the adapter not yet written); meanwhile
     #    a second run in the same workspace is refused at once.
-    run = a3t(ws, env, "run", "--profile", "smoke")
+    run = a3t(ws, env, *RUN)
     time.sleep(3)
-    second = subprocess.run([sys.executable, "-m", "a3t.cli", "run", "--profile", "smoke"], cwd=ws, env=env,
-                            capture_output=True, text=True, timeout=120)
-    assert second.returncode != 0
-    assert "another a3t run" in second.stdout + second.stderr
+    second = a3t(ws, env, *RUN)  # watched while the first one trains: the tiny model trains in seconds
     train = round_run(ws, 0) / "train"
     kill_when(run, lambda: any((train / "checkpoints").glob("checkpoint-*/trainer_state.json")))
     assert not (train / "adapter" / "train_stats.json").exists(), "killed after training, not during"
+    refused, _ = second.communicate(timeout=120)
+    assert second.returncode != 0
+    assert "another a3t run" in refused
     assert set(before) <= set(episode_ids(ws))  # nothing lost
 
     # 3. Rerun to the end.
-    out = finish(a3t(ws, env, "run", "--profile", "smoke"))
+    out = finish(a3t(ws, env, *RUN))
     assert "a3t ui" in out and f"a3t/{CAMPAIGN}/round-1" in out
+    assert "time per stage" in out  # where each round's time went
+    times = json.loads((ws / "data" / "runs" / CAMPAIGN / "round_1" / "round.json").read_text())["time_s"]
+    assert {"rollout", "explore", "filter", "version", "train", "eval"} <= set(times)
+    assert all(seconds > 0 for seconds in times.values())
     ids = episode_ids(ws)
     assert len(ids) == len(set(ids)), "an episode was stored twice"
     assert set(before) <= set(ids)
@@ -167,7 +176,7 @@ def test_rollback_then_the_next_round_is_redone(ws, env):
                             capture_output=True, text=True, check=True).stdout
     assert dataset_hash(ws / "data" / "trajectories") in tagged
 
-    finish(a3t(ws, env, "run", "--profile", "smoke"))
+    finish(a3t(ws, env, *RUN))
     assert (round_run(ws, 1) / "round.json").exists()
     client = _mlflow(ws)
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])

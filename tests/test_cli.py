@@ -121,9 +121,14 @@ def test_campaign_table_shows_intervals_and_games_per_split_and_round(tmp_path, 
     for k, evals in enumerate((old, new)):
         ws.round_data(k).mkdir(parents=True)
         ws.finish_round(k, {"data": {"collected": {"policy": 1, "explored": 0, "annotated": 0}},
-                            "train": {"loss_per_epoch": []}, "version": {"tag": f"a3t/x/round-{k}"}, "eval": evals})
+                            "train": {"loss_per_epoch": []}, "version": {"tag": f"a3t/x/round-{k}"}, "eval": evals,
+                            "time_s": {"annotate": 60.0, "train": 90.0} if k == 0 else {"rollout": 30.0, "train": 60.0}})
     cli._report_campaign(cfg, None)
     text = cli.console.file.getvalue()
+    stage_rows = [line for line in text.splitlines() if line.startswith("│ 0 ") or line.startswith("│ 1 ")][-2:]
+    assert "time per stage" in text and "annotate" in text.split("time per stage")[1]
+    assert [[cell.strip() for cell in row.split("│")[2:6]] for row in stage_rows] == [["1.0", "-", "1.5", "2.5"],
+                                                                                     ["-", "0.5", "1.0", "1.5"]]
     assert "8 games" in text and "24 games" in text
     assert "25.0% [12.0–44.9]" in text and "50.0% [31.4–68.6]" in text  # round 1, valid_seen
     assert "100.0% [86.2–100.0]" in text  # round 1, valid_unseen within 4

@@ -211,6 +211,9 @@ def test_round_metrics_log_the_intervals_and_actre_counts():
     # Rollouts that count no ActRe verdicts (and a round without annotation) log none.
     bare = round_metrics(round_summary([{"episodes": 4}]))
     assert not any(name.startswith("actre/") for name in bare)
+    assert not any(name.startswith("time/") for name in bare)  # a summary without stage times logs none
+    timed = round_metrics(round_summary() | {"time_s": {"train": 12.5, "eval": 3.0}})
+    assert (timed["time/train_s"], timed["time/eval_s"]) == (12.5, 3.0)
     assert all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in metrics.values())
 
 

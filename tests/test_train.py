@@ -346,3 +346,16 @@ def test_resume_skips_a_checkpoint_cut_short(tmp_path):
             (folder / "trainer_state.json").write_text(state)
     assert last_complete_checkpoint(checkpoints) == str(checkpoints / "checkpoint-4")
     assert sorted(p.name for p in checkpoints.iterdir()) == ["checkpoint-2", "checkpoint-4"]
+
+
+def test_training_dtype_is_bfloat16_where_the_hardware_has_it(monkeypatch):
+    import bitsandbytes.functional
+
+    from a3t.train import training_dtype
+
+    assert training_dtype(TrainConfig(dtype="float32"), "cuda") == "float32"  # an explicit choice stands
+    assert training_dtype(TrainConfig(), "cuda:0") == "bfloat16"
+    monkeypatch.setattr(bitsandbytes.functional, "has_avx512bf16", lambda: False)
+    assert training_dtype(TrainConfig(), "cpu") == "float32"  # emulated bfloat16 would be slower
+    monkeypatch.setattr(bitsandbytes.functional, "has_avx512bf16", lambda: True)
+    assert training_dtype(TrainConfig(), "cpu") == "bfloat16"

@@ -276,7 +276,11 @@ class _ChoiceTrie:
 
 
 class TransformersLLM:
-    """Any local HF causal LM folder, optionally with a peft adapter and 4-bit weights."""
+    """Any local HF causal LM folder, optionally with a peft adapter and 4-bit weights.
+
+    Loaded from a folder, the base model is this process's shared copy (a3t.llm.shared): LLMs
+    of the same model with different adapters hold one base model, each call under its own
+    adapter. A ``model`` object passed in is used as it is."""
 
     def __init__(
         self,
@@ -290,11 +294,15 @@ class TransformersLLM:
         tokenizer=None,
         draft_tokens: int = DRAFT_TOKENS,
     ):
-        if model is None:
-            from a3t.llm.models import load_model
+        from a3t.llm.shared import SharedModel, shared_model
 
-            model, tokenizer = load_model(model_path, adapter=adapter, load_in_4bit=load_in_4bit, dtype=dtype, device=device)
-        self.model, self.tokenizer = model, tokenizer
+        if model is None:
+            self._shared = shared_model(model_path, load_in_4bit=load_in_4bit, dtype=dtype, device=device)
+            self._adapter_name = self._shared.attach(adapter) if adapter else None
+        else:
+            self._shared, self._adapter_name = SharedModel(model, tokenizer), None
+        model, tokenizer = self._shared.model, self._shared.tokenizer
+        self.tokenizer = tokenizer
         self.name = name or (Path(model_path).name if model_path else type(model).__name__)
         self.adapter = str(adapter) if adapter else None
         self.device = next(model.parameters()).device
@@ -305,9 +313,15 @@ class TransformersLLM:
         self._end_ids = {i for i in eos + [tokenizer.eos_token_id] if i is not None}
         self._pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(self._end_ids))
         self.draft_tokens = draft_tokens
-        self._grouped = model.config._attn_implementation == "sdpa"  # else drafts go through the model's own
+        # Else drafts go through the model's own attention. (A shared model may have it set already.)
+        self._grouped = model.config._attn_implementation in ("sdpa", "a3t_sdpa")
         if self._grouped:
             model.set_attn_implementation("a3t_sdpa")
+
+    @property
+    def model(self):
+        """The model (with a shared base: wrapped by peft once an adapter is attached)."""
+        return self._shared.model
 
     def release(self, sessions: list[str]) -> None:
         for session in sessions:
@@ -331,6 +345,10 @@ class TransformersLLM:
     ) -> list[Completion]:
         if not chats:
             return []
+        with self._shared.using(self._adapter_name):  # the whole call under this LLM's adapter
+            return self._complete(chats, sampling, stop, sessions, choices)
+
+    def _complete(self, chats, sampling, stop, sessions, choices) -> list[Completion]:
         sessions = sessions or [None] * len(chats)
         choices = choices or [None] * len(chats)
         # Tokenize the whole chat (cheap next to the model), as training will, so the
