@@ -8,22 +8,66 @@ ActRe, and the replay through the environment says whether the sequence wins.
 from __future__ import annotations
 
 import json
+import random
+import re
 from pathlib import Path
 
 from a3t.config import WebShopConfig
-from a3t.envs.alfworld import GameFileError, Phrasing, convert_action, load_game
+from a3t.envs.alfworld import AlfWorldEnv, GameFileError, Phrasing, convert_action, load_game
+from a3t.envs.alfworld_reasons import parse_goal
 from a3t.rollout import Task, task_for
 
 
-def walkthrough_tasks(games: list[Path], phrasing: Phrasing) -> list[Task]:
-    """One scripted task per game, from the walkthrough stored in the game file."""
+def walkthrough_tasks(games: list[Path], phrasing: Phrasing, search_detours: int = 0, max_steps: int = 50,
+                      seed: int = 0) -> list[Task]:
+    """One scripted task per game, from the walkthrough stored in the game file; with
+    ``search_detours``, up to that many searches of other receptacles first (searching_walkthrough)."""
     tasks = []
     for game in games:
         walkthrough = load_game(game, phrasing).walkthrough
         if not walkthrough:
             raise GameFileError(f"{game}: no walkthrough stored to annotate")
+        if search_detours:
+            rng = random.Random(f"{seed}:{task_for(game).task_id}")
+            walkthrough = searching_walkthrough(game, phrasing, search_detours, max_steps, rng)
         tasks.append(Task(task_for(game).task_id, game, tuple(walkthrough)))
     return tasks
+
+
+def searching_walkthrough(game: Path, phrasing: Phrasing, detours: int, max_steps: int, rng: random.Random,
+                          tries: int = 8) -> list[str]:
+    """The planner's walkthrough with a search before it: the planner knows where the object is
+    and goes straight there, so a policy that learns only from its walkthroughs never sees a
+    receptacle without the object, and says "Here is a pen" wherever it looks. This one first
+    looks in 0 to ``detours`` other receptacles of the room (opening the closed ones) that do
+    not hold an object of the task's kind, then follows the plan. Played through the game to
+    check it still wins within ``max_steps``; the plain walkthrough if no sampled search does."""
+    plan = load_game(game, phrasing).walkthrough or []
+    env = AlfWorldEnv(game, phrasing=phrasing, max_steps=10**6)
+    first = env.reset()
+    goal = parse_goal(first.task)
+    receptacles = re.findall(r"\ban? (\w+ \d+)", first.observation.split("Your task is to:")[0])
+    places = [r for r in receptacles if plan and f"go to {r}" != plan[0]]
+    for _ in range(tries if goal and places else 0):
+        count = rng.randint(0, min(detours, len(places)))
+        if count == 0:
+            return plan
+        script, clean = [], True
+        for place in rng.sample(places, count):
+            observation = env.step(f"go to {place}").observation
+            script.append(f"go to {place}")
+            if f"{place} is closed" in observation:
+                observation = env.step(f"open {place}").observation
+                script.append(f"open {place}")
+            clean = clean and not re.search(rf"\b{goal.object} \d", observation)  # found one: not a search
+        won = False
+        for action in plan:
+            step = env.step(action)
+            won = step.won
+        if clean and won and len(script) + len(plan) <= max_steps:
+            return script + plan
+        env.reset()
+    return plan
 
 
 def webshop_walkthrough_tasks(shop: WebShopConfig, task_ids: list[str]) -> list[Task]:

@@ -168,7 +168,7 @@ class AgentConfig(_Section):
         "(our choice for the CPU: training and rollouts are about twice as fast).",
     )
     actre_tries: int = Field(
-        3, ge=1, description="ActRe samples per explored action until a reason passes the checks (not empty, not "
+        3, ge=0, description="ActRe samples per explored action until a reason passes the checks (not empty, not "
         "the observation repeated, naming no other action); our choice, the paper does not say.",
     )
 
@@ -218,6 +218,10 @@ class TrainConfig(_Section):
     lora_alpha: int = Field(32, ge=1, description="LoRA alpha (paper: 32).")
     lora_dropout: float = Field(0.05, ge=0, lt=1, description="LoRA dropout (not public in the paper; our choice).")
     lora_targets: list[str] = Field(["q_proj", "v_proj"], description="Modules that get LoRA (paper: q_proj, v_proj).")
+    lora_top_layers: Optional[int] = Field(
+        None, ge=1, description="LoRA on the last N decoder layers only; unset: every layer (paper). The backward pass "
+        "then stops at the lowest of them, so a step costs less (our choice for CPUs).",
+    )
     learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate (paper: 1e-4; CPU default: 2e-4, fewer epochs).")
     epochs_first_round: float = Field(3, gt=0, description="Epochs in round 0 (paper: 10; CPU default: 3).")
     epochs_later_rounds: float = Field(2, gt=0, description="Epochs in rounds >= 1 (paper: 6; CPU default: 2).")
@@ -273,6 +277,17 @@ class PipelineConfig(_Section):
         ge=0,
         description="Round 0 also learns from ActRe-annotated walkthroughs (ALFWorld: the planner's; WebShop: an "
         "oracle's) of this many train tasks (a small model rarely succeeds unaided; paper: 0, prompting alone).",
+    )
+    walkthrough_reasons: Literal["actre", "plan"] = Field(
+        "actre",
+        description="Who writes the thoughts of the annotated walkthroughs: 'actre' (the ActRe LLM, its reasons "
+        "checked, the plan's reason after the last rejected try) or 'plan' (the plan's reason alone: plain, true, "
+        "read off the task and the episode by a3t.envs.alfworld_reasons; no LLM call).",
+    )
+    walkthrough_detours: int = Field(
+        0, ge=0, description="ALFWorld: before following the planner's walkthrough, search up to this many other "
+        "receptacles (not holding the object) first, so that the walkthroughs also show a search that finds nothing "
+        "(the planner goes straight to the object); 0: the planner's walkthrough as it is.",
     )
     play_round_0: bool = Field(
         True, description="Round 0 also plays the train tasks with the prompted base model (paper); False: round 0 "
@@ -346,23 +361,32 @@ PROFILES: dict[str, dict] = {
     # The CPU default: SmolLM2-135M on 2 cores, 3 rounds, evaluated on 24 valid_unseen games (4 per
     # task type) and 12 valid_seen. Each choice is tuned for a model that small on a CPU:
     "default": {
-        "games": {"train": 48, "valid_seen": 12, "valid_unseen": 24},
+        # 48 train games whose walkthroughs round 0 learns from, and 48 others that rounds 1-2 play.
+        "games": {"train": 96, "valid_seen": 12, "valid_unseen": 24},
+        # One greedy ActRe try per explored step, then the plan's reason: a 135M model's reasons fail
+        # the checks about two times in three, and each try costs a prefill of the ActRe prompt.
+        "agent": {"actre_tries": 1},
         # Thoughts only (the action is decoded separately); 2 retries of a failed task (paper: 40).
-        "rollout": {"max_new_tokens": 48, "retry_max": 2},
+        # Temperature 0.4: at 0.7 the 135M policy won none of 48 train games that it wins greedily
+        # now and then. 16 episodes at once: a decode forward of 16 rows costs 1.4x one of 8.
+        "rollout": {"max_new_tokens": 40, "retry_max": 2, "temperature": 0.4, "parallel_episodes": 16},
         # sft: pg needs several successes per task to be stable (the paper warns), and here a task
-        # has at most one. LoRA on every projection at 1e-3, 4 epochs in round 0: q_proj/v_proj at
-        # 1e-4 barely move a 135M model in a few epochs on a few dozen trajectories. The loss is on
-        # the agent's turns only: the model's capacity goes to acting, not to predicting the room.
-        "train": {"loss": "sft", "learning_rate": 1e-3, "epochs_first_round": 4, "epochs_later_rounds": 3,
-                  "observations_in_loss": False,
+        # has one at most. LoRA on every projection at 1e-3: q_proj/v_proj at 1e-4 barely move a
+        # 135M model in a few epochs. Round 0: 2 epochs (the loss is down to 0.05); later rounds go
+        # on from the last adapter for one epoch over all data (from the base, each round would
+        # retrain the walkthroughs too). The loss is on the agent's turns only.
+        "train": {"loss": "sft", "learning_rate": 1e-3, "epochs_first_round": 2, "epochs_later_rounds": 1,
+                  "from_base_each_round": False, "observations_in_loss": False,
                   "lora_targets": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
                   "batch_size": 1, "gradient_accumulation": 2},
         # Every generated eval game, first attempt only (greedy): the attempts are spent on more games.
         "eval": {"tasks": None, "attempts": 1},
-        # Round 0 learns from 24 annotated planner walkthroughs (4 per task type): the prompted 135M
-        # model won 0 of 24 valid_unseen games, so its round-0 rollouts would cost minutes and find
-        # nothing. Rounds 1-2 play the 24 other train games.
-        "pipeline": {"rounds": 3, "train_tasks": 24, "annotate_walkthroughs": 24, "play_round_0": False},
+        # Round 0 learns from 48 planner walkthroughs (8 per task type) that first search 0-2 other
+        # receptacles, their thoughts the plan's reasons: the prompted 135M model wins none of 24
+        # valid_unseen games, and its ActRe reasons invent things a third of the time. Rounds 1-2
+        # play the 48 other train games.
+        "pipeline": {"rounds": 3, "train_tasks": 48, "annotate_walkthroughs": 48, "walkthrough_reasons": "plan",
+                     "walkthrough_detours": 2, "play_round_0": False},
     },
     # The A3T paper's setup (ALFWorld, Mistral-7B-Instruct-v0.2 on one GPU). The model comes from
     # a local path or the HF cache: set llm.model to a folder if it is not cached.

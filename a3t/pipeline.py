@@ -191,9 +191,11 @@ def annotate_walkthroughs(cfg: Config, ws: Workspace, round_: int) -> dict:
         tasks = webshop_walkthrough_tasks(cfg.webshop, [t.task_id for t in webshop_tasks(cfg.webshop, "train", n)])
     else:
         tasks = walkthrough_tasks(spread_over_task_types(find_games(ws.path(cfg.games.root), "train"), n),
-                                  cfg.env.phrasing)
+                                  cfg.env.phrasing, cfg.pipeline.walkthrough_detours, cfg.env.max_steps, cfg.rollout.seed)
     store = TrajectoryStore(ws.round_data(round_) / "annotated.jsonl")
     _, annotator = load_agents(cfg, need_policy=False)
+    if cfg.pipeline.walkthrough_reasons == "plan":
+        annotator.tries = 0  # every thought is the plan's reason (ActRe's fallback): no LLM call
     once = cfg.rollout.model_copy(update={"retry_max": 0})  # a script is played once
     with rollout_bar(f"round {round_}: annotate walkthroughs", len(tasks)) as show:
         stats = rollout(tasks, store, None, annotator, once, cfg.env, round_=round_, on_progress=show)

@@ -187,8 +187,10 @@ def train_adapter(
     if init_adapter is not None:
         model = PeftModel.from_pretrained(model, str(init_adapter), is_trainable=True)
     else:
+        layers = model.config.num_hidden_layers
+        top = None if cfg.lora_top_layers is None else list(range(max(layers - cfg.lora_top_layers, 0), layers))
         lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                          target_modules=list(cfg.lora_targets), task_type="CAUSAL_LM")
+                          target_modules=list(cfg.lora_targets), layers_to_transform=top, task_type="CAUSAL_LM")
         model = get_peft_model(model, lora)
     checkpoints = out_dir / "checkpoints"
     args = TrainingArguments(

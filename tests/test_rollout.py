@@ -56,14 +56,15 @@ class StubLLM:
 
 
 def _actre_stub(phrasing="put"):
-    """ActRe stub: 'Thought: <words of its own> reason for <the action>'. The words differ at every
-    call, so its reasons never read as copies of earlier ones (ActRe's echo check)."""
+    """ActRe stub: 'Thought: <numbers of its own> I want to <the action>'. The numbers differ at every
+    call, so its reasons never read as copies of earlier ones (ActRe's echo check), and every word
+    is one the episode showed or a plain one (its grounding check)."""
     calls = itertools.count()
 
     def answer(chat, session):
         action = re.findall(r"^Action: (.*)$", chat[-2]["content"], re.MULTILINE)[-1]  # the one to explain
         n = next(calls)
-        return f"Thought: {' '.join(f'w{n}x{i}' for i in range(8))} reason for {action}"
+        return f"Thought: {' '.join(str(8 * n + i) for i in range(8))} I want to {action}"
     return ActReAnnotator(StubLLM(answer, name="actre-stub"), phrasing=phrasing)
 
 
@@ -116,7 +117,7 @@ def test_exploration_share_is_p_explore(tmp_path, unseen):
     for s in steps:
         assert s.valid  # "look" is always admissible; explored actions are admissible ones
         if s.explored:
-            assert s.action != "help" and s.thought.endswith(f" reason for {s.action}")
+            assert s.action != "help" and s.thought.endswith(f" I want to {s.action}")
         else:
             assert (s.thought, s.action) == ("I look around.", "look")
 

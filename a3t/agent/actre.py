@@ -15,6 +15,7 @@ from dataclasses import dataclass, replace
 
 from a3t.agent.examples import PageFormat, example_for, webshop_example
 from a3t.envs.alfworld import Phrasing
+from a3t.envs.alfworld_reasons import plan_reason
 from a3t.llm.base import LLM, Chat, Completion, Sampling, stop_after_first_line
 from a3t.agent.react import transcript
 from a3t.trajectory import StepRecord
@@ -147,31 +148,64 @@ def names_other_action(request: ActReRequest, reason: str) -> bool:
     return any(word in unseen or word.rstrip("s") in unseen for word in _words(reason))
 
 
+# Words a reason may use without the episode showing them: how an agent speaks of its task
+# (what it needs, has, does and why), not things. Anything else must be a word of the episode.
+_PLAIN_WORDS = frozenset("""
+a about after again already also am an and another any are as at be because been before both bring but by can
+carry carrying check checking close closed could do does done each empty find first for found from get go goes
+going had has have having here hold holding i if in inside into is it it's its just look looking m me more must
+my need needs next no not nothing now of on one onto open or other put s second see so some still t take taking
+that the then there these this those to too two under up use using want was way what where which while will
+with yet clean cleaned heat heated hot cool cooled cold warm turn turned light lamp them they their one ll ve
+solve task goal done place room thing things object item often usually maybe probably likely might opened took
+went picked looked checked arrived put found saw seen already finally ready say says ask asks asked said
+""".split())
+
+
+def ungrounded(request: ActReRequest, reason: str) -> bool:
+    """ALFWorld: the reason speaks of things the episode never showed ("a glass of juice", "the
+    kitchen", "the closet"): a word that is neither in the episode so far (task, observations,
+    actions, the action explained) nor one of the plain words of acting (_PLAIN_WORDS). A 135M
+    model invents such things in about a third of the reasons that pass the other checks."""
+    if request.webshop is not None:  # a shopper's reasons speak of product qualities the page may not
+        return False
+    episode = " ".join([request.initial_observation, request.action]
+                       + [f"{s.action} {s.observation}" for s in request.steps])
+    known = set(_words(episode)) | _PLAIN_WORDS
+    return any(w not in known and w.rstrip("s") not in known and not w.isdigit() for w in _words(reason))
+
+
 def rejection(request: ActReRequest, reason: str) -> str | None:
-    """Why a reason is rejected ("empty", "echo", "other action"), None if it passes."""
+    """Why a reason is rejected ("empty", "echo", "other action", "ungrounded"), None if it passes."""
     if not reason:
         return "empty"
     if echoes(request, reason):
         return "echo"
     if names_other_action(request, reason):
         return "other action"
+    if ungrounded(request, reason):
+        return "ungrounded"
     return None
 
 
 def fallback_reason(request: ActReRequest) -> str:
-    """The thought when every try was rejected: the action tied to the ALFWorld task it serves
-    ("To put a pen in desk, I go to desk 1 next."), or (no task sentence: WebShop) the action
-    alone. Plain and true, and it passes the checks."""
+    """The thought when every try was rejected. ALFWorld: a plain, true reason read off the task
+    and the episode (a3t.envs.alfworld_reasons: "I have the apple 1. I go to the microwave 1 to
+    heat it."), so the step still carries where the agent stands in its task; a task sentence
+    that is not ALFWorld's: the action tied to the task ("To <task>, I <action> next."); WebShop
+    (no task sentence): the action alone. It passes the checks."""
     task = re.search(r"Your task is to: (.+?)\.?\s*$", request.initial_observation)
     if task is None:
         return f"I will {request.action} next."
-    return f"To {task.group(1)}, I {request.action} next."
+    reason = plan_reason(task.group(1), [(s.action, s.observation) for s in request.steps], request.action)
+    return reason or f"To {task.group(1)}, I {request.action} next."
 
 
 class ActReAnnotator:
     """Writes the thought for a chosen action, in a batch; rejected reasons are asked again."""
 
     def __init__(self, llm: LLM, phrasing: Phrasing = "put", sampling: Sampling | None = None, tries: int = 3):
+        """``tries`` LLM samples per reason before the fallback; 0: the fallback alone (no LLM call)."""
         self.llm = llm
         self.phrasing = phrasing
         # Greedy first try by default: the reason should be the model's most likely explanation.
@@ -216,6 +250,7 @@ class ActReAnnotator:
         for i in todo:
             self.fallbacks += 1
             answers[i] = fallback_reason(requests[i])
+            completions[i] = completions[i] or Completion(text="", prompt_tokens=0, completion_tokens=0, stopped=True)
         return list(zip(answers, completions))
 
 

@@ -2,7 +2,7 @@
 and ActRe prompts.
 
 Written for a3t: ALFWorld's observations and actions are the planner walkthroughs of generated
-train games (seed 2024) played through the environment; the thoughts are ours. They use
+train games (seed 2024) played through the environment; the thoughts are the plan's reasons. They use
 the ReAct-era phrasing "put X in/on Y"; ``example_for(..., phrasing="move")`` converts.
 WebShop's is a train goal of the generated catalogue of seed 2024 (not the default seed 0),
 bought with reward 1 in our own actions and thoughts, its pages in both observation formats.
@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from a3t.envs.alfworld import Phrasing, convert_action
+from a3t.envs.alfworld_reasons import plan_reason
 
 PageFormat = Literal["sep", "react"]  # WebShop's observation formats (a3t.envs.webshop.ObservationFormat)
 
@@ -27,140 +28,142 @@ class Example:
     steps: tuple[tuple[str, str, str], ...]  # (thought, action, observation)
 
 
-EXAMPLES = {
-    "pick_and_place_simple": Example(
-        "pick_and_place_simple",
-        "You are in the middle of a room. Looking quickly around you, you see a armchair 1, a drawer 5, a drawer 4, "
-        "a drawer 3, a drawer 2, a drawer 1, a sidetable 2, and a sidetable 1.\n\nYour task is to: put a keychain in drawer.",
+# The planner's actions and the engine's answers of each example; the thoughts are the plan's
+# reasons (a3t.envs.alfworld_reasons), the same plain sentences that ActRe falls back to and that
+# the walkthroughs of pipeline.walkthrough_reasons=plan are annotated with.
+_PLAYED = {
+    "pick_and_place_simple": (
+        "You are in the middle of a room. Looking quickly around you, you see a armchair 1, a drawer "
+        "5, a drawer 4, a drawer 3, a drawer 2, a drawer 1, a sidetable 2, and a sidetable 1.\n\nYour "
+        "task is to: put a keychain in drawer.",
         (
-            ("To solve the task, I need to find a keychain, then put it in a drawer. A keychain is often left on an "
-             "armchair or a sidetable, so I will check the armchair 1 first.",
-             "go to armchair 1", "You arrive at armchair 1. On the armchair 1, you see a keychain 2, and a laptop 1."),
-            ("There is a keychain 2 here. I take it.",
-             "take keychain 2 from armchair 1", "You pick up the keychain 2 from the armchair 1."),
-            ("Now I have the keychain 2. Next, I go to a drawer to put it in.",
-             "go to drawer 5", "You arrive at drawer 5. The drawer 5 is closed."),
-            ("The drawer 5 is closed. I open it first.",
-             "open drawer 5", "You open the drawer 5. The drawer 5 is open. In it, you see nothing."),
-            ("The drawer 5 is open. I put the keychain 2 in it.",
-             "put keychain 2 in/on drawer 5", "You put the keychain 2 in/on the drawer 5."),
+            ("go to armchair 1",
+             "You arrive at armchair 1. On the armchair 1, you see a keychain 2, and a laptop "
+             "1."),
+            ("take keychain 2 from armchair 1",
+             "You pick up the keychain 2 from the armchair 1."),
+            ("go to drawer 5",
+             "You arrive at drawer 5. The drawer 5 is closed."),
+            ("open drawer 5",
+             "You open the drawer 5. The drawer 5 is open. In it, you see nothing."),
+            ("put keychain 2 in/on drawer 5",
+             "You put the keychain 2 in/on the drawer 5."),
         ),
     ),
-    "look_at_obj_in_light": Example(
-        "look_at_obj_in_light",
-        "You are in the middle of a room. Looking quickly around you, you see a coffeetable 1, a drawer 3, a drawer 2, "
-        "a drawer 1, a dresser 1, a sidetable 2, a sidetable 1, and a sofa 1.\n\nYour task is to: examine the "
-        "remotecontrol with the floorlamp.",
+    "look_at_obj_in_light": (
+        "You are in the middle of a room. Looking quickly around you, you see a coffeetable 1, a "
+        "drawer 3, a drawer 2, a drawer 1, a dresser 1, a sidetable 2, a sidetable 1, and a sofa "
+        "1.\n\nYour task is to: examine the remotecontrol with the floorlamp.",
         (
-            ("To solve the task, I need to find a remotecontrol, take it, then find the floorlamp and turn it on. "
-             "A remotecontrol is often on a coffeetable or a sofa. I start with the coffeetable 1.",
-             "go to coffeetable 1",
-             "You arrive at coffeetable 1. On the coffeetable 1, you see a remotecontrol 2, and a remotecontrol 1."),
-            ("There are two remotecontrols here. I take the remotecontrol 2.",
-             "take remotecontrol 2 from coffeetable 1", "You pick up the remotecontrol 2 from the coffeetable 1."),
-            ("Now I need the floorlamp. Lamps usually stand on a sidetable, so I go to the sidetable 2.",
-             "go to sidetable 2", "You arrive at sidetable 2. On the sidetable 2, you see a floorlamp 1."),
-            ("The floorlamp 1 is here. I turn it on to look at the remotecontrol under its light.",
-             "use floorlamp 1", "You turn on the floorlamp 1."),
+            ("go to coffeetable 1",
+             "You arrive at coffeetable 1. On the coffeetable 1, you see a remotecontrol 2, "
+             "and a remotecontrol 1."),
+            ("take remotecontrol 2 from coffeetable 1",
+             "You pick up the remotecontrol 2 from the coffeetable 1."),
+            ("go to sidetable 2",
+             "You arrive at sidetable 2. On the sidetable 2, you see a floorlamp 1."),
+            ("use floorlamp 1",
+             "You turn on the floorlamp 1."),
         ),
     ),
-    "pick_clean_then_place_in_recep": Example(
-        "pick_clean_then_place_in_recep",
-        "You are in the middle of a room. Looking quickly around you, you see a cabinet 2, a cabinet 1, a coffeemachine 1, "
-        "a countertop 1, a diningtable 1, a drawer 1, a fridge 1, and a sinkbasin 1.\n\nYour task is to: put a clean "
-        "spoon in diningtable.",
+    "pick_clean_then_place_in_recep": (
+        "You are in the middle of a room. Looking quickly around you, you see a cabinet 2, a cabinet "
+        "1, a coffeemachine 1, a countertop 1, a diningtable 1, a drawer 1, a fridge 1, and a "
+        "sinkbasin 1.\n\nYour task is to: put a clean spoon in diningtable.",
         (
-            ("To solve the task, I need to find a spoon, clean it with the sinkbasin, then put it on the diningtable. "
-             "Spoons are often in the sinkbasin, a drawer or on a countertop. I check the sinkbasin 1 first.",
-             "go to sinkbasin 1", "You arrive at sinkbasin 1. On the sinkbasin 1, you see a fork 1, and a spoon 1."),
-            ("There is a spoon 1 here. I take it.",
-             "take spoon 1 from sinkbasin 1", "You pick up the spoon 1 from the sinkbasin 1."),
-            ("I am at the sinkbasin 1 already, so I clean the spoon 1 here.",
-             "clean spoon 1 with sinkbasin 1", "You clean the spoon 1 using the sinkbasin 1."),
-            ("The spoon 1 is clean. Now I go to the diningtable 1.",
-             "go to diningtable 1", "You arrive at diningtable 1. On the diningtable 1, you see a butterknife 2."),
-            ("I put the clean spoon 1 on the diningtable 1.",
-             "put spoon 1 in/on diningtable 1", "You put the spoon 1 in/on the diningtable 1."),
+            ("go to sinkbasin 1",
+             "You arrive at sinkbasin 1. On the sinkbasin 1, you see a fork 1, and a spoon 1."),
+            ("take spoon 1 from sinkbasin 1",
+             "You pick up the spoon 1 from the sinkbasin 1."),
+            ("clean spoon 1 with sinkbasin 1",
+             "You clean the spoon 1 using the sinkbasin 1."),
+            ("go to diningtable 1",
+             "You arrive at diningtable 1. On the diningtable 1, you see a butterknife 2."),
+            ("put spoon 1 in/on diningtable 1",
+             "You put the spoon 1 in/on the diningtable 1."),
         ),
     ),
-    "pick_heat_then_place_in_recep": Example(
-        "pick_heat_then_place_in_recep",
-        "You are in the middle of a room. Looking quickly around you, you see a cabinet 4, a cabinet 3, a cabinet 2, "
-        "a cabinet 1, a microwave 1, a shelf 1, a sinkbasin 1, and a toaster 1.\n\nYour task is to: heat some cup and "
-        "put it in shelf.",
+    "pick_heat_then_place_in_recep": (
+        "You are in the middle of a room. Looking quickly around you, you see a cabinet 4, a cabinet "
+        "3, a cabinet 2, a cabinet 1, a microwave 1, a shelf 1, a sinkbasin 1, and a toaster "
+        "1.\n\nYour task is to: heat some cup and put it in shelf.",
         (
-            ("To solve the task, I need to find a cup, heat it with the microwave, then put it on the shelf. Cups are "
-             "often kept in a cabinet. I check the cabinet 2.",
-             "go to cabinet 2", "You arrive at cabinet 2. The cabinet 2 is closed."),
-            ("The cabinet 2 is closed. I open it to look inside.",
-             "open cabinet 2", "You open the cabinet 2. The cabinet 2 is open. In it, you see a cup 1."),
-            ("There is a cup 1 inside. I take it.",
-             "take cup 1 from cabinet 2", "You pick up the cup 1 from the cabinet 2."),
-            ("Now I heat the cup 1. I go to the microwave 1.",
-             "go to microwave 1", "You arrive at microwave 1. The microwave 1 is closed."),
-            ("I heat the cup 1 with the microwave 1.",
-             "heat cup 1 with microwave 1", "You heat the cup 1 using the microwave 1."),
-            ("The cup 1 is hot. Now I go to the shelf 1.",
-             "go to shelf 1", "You arrive at shelf 1. On the shelf 1, you see nothing."),
-            ("I put the hot cup 1 on the shelf 1.",
-             "put cup 1 in/on shelf 1", "You put the cup 1 in/on the shelf 1."),
+            ("go to cabinet 2",
+             "You arrive at cabinet 2. The cabinet 2 is closed."),
+            ("open cabinet 2",
+             "You open the cabinet 2. The cabinet 2 is open. In it, you see a cup 1."),
+            ("take cup 1 from cabinet 2",
+             "You pick up the cup 1 from the cabinet 2."),
+            ("go to microwave 1",
+             "You arrive at microwave 1. The microwave 1 is closed."),
+            ("heat cup 1 with microwave 1",
+             "You heat the cup 1 using the microwave 1."),
+            ("go to shelf 1",
+             "You arrive at shelf 1. On the shelf 1, you see nothing."),
+            ("put cup 1 in/on shelf 1",
+             "You put the cup 1 in/on the shelf 1."),
         ),
     ),
-    "pick_cool_then_place_in_recep": Example(
-        "pick_cool_then_place_in_recep",
-        "You are in the middle of a room. Looking quickly around you, you see a countertop 1, a drawer 5, a drawer 4, "
-        "a drawer 3, a drawer 2, a drawer 1, a fridge 1, and a sinkbasin 1.\n\nYour task is to: put a cool pot in "
-        "sinkbasin.",
+    "pick_cool_then_place_in_recep": (
+        "You are in the middle of a room. Looking quickly around you, you see a countertop 1, a "
+        "drawer 5, a drawer 4, a drawer 3, a drawer 2, a drawer 1, a fridge 1, and a sinkbasin "
+        "1.\n\nYour task is to: put a cool pot in sinkbasin.",
         (
-            ("To solve the task, I need to find a pot, cool it with the fridge, then put it in the sinkbasin. A pot is "
-             "often on a countertop or a stoveburner. I check the countertop 1.",
-             "go to countertop 1", "You arrive at countertop 1. On the countertop 1, you see a pot 1."),
-            ("There is a pot 1 here. I take it.",
-             "take pot 1 from countertop 1", "You pick up the pot 1 from the countertop 1."),
-            ("Now I cool the pot 1. I go to the fridge 1.",
-             "go to fridge 1", "You arrive at fridge 1. The fridge 1 is closed."),
-            ("I cool the pot 1 with the fridge 1.",
-             "cool pot 1 with fridge 1", "You cool the pot 1 using the fridge 1."),
-            ("The pot 1 is cool. Now I go to the sinkbasin 1.",
-             "go to sinkbasin 1", "You arrive at sinkbasin 1. On the sinkbasin 1, you see a fork 2, a fork 1, and a "
-             "potato 1."),
-            ("I put the cool pot 1 in the sinkbasin 1.",
-             "put pot 1 in/on sinkbasin 1", "You put the pot 1 in/on the sinkbasin 1."),
+            ("go to countertop 1",
+             "You arrive at countertop 1. On the countertop 1, you see a pot 1."),
+            ("take pot 1 from countertop 1",
+             "You pick up the pot 1 from the countertop 1."),
+            ("go to fridge 1",
+             "You arrive at fridge 1. The fridge 1 is closed."),
+            ("cool pot 1 with fridge 1",
+             "You cool the pot 1 using the fridge 1."),
+            ("go to sinkbasin 1",
+             "You arrive at sinkbasin 1. On the sinkbasin 1, you see a fork 2, a fork 1, and "
+             "a potato 1."),
+            ("put pot 1 in/on sinkbasin 1",
+             "You put the pot 1 in/on the sinkbasin 1."),
         ),
     ),
-    "pick_two_obj_and_place": Example(
-        "pick_two_obj_and_place",
-        "You are in the middle of a room. Looking quickly around you, you see a bathtubbasin 1, a countertop 1, a drawer 4, "
-        "a drawer 3, a drawer 2, a drawer 1, a garbagecan 1, and a toiletpaperhanger 1.\n\nYour task is to: put two "
-        "soapbottle in garbagecan.",
+    "pick_two_obj_and_place": (
+        "You are in the middle of a room. Looking quickly around you, you see a bathtubbasin 1, a "
+        "countertop 1, a drawer 4, a drawer 3, a drawer 2, a drawer 1, a garbagecan 1, and a "
+        "toiletpaperhanger 1.\n\nYour task is to: put two soapbottle in garbagecan.",
         (
-            ("To solve the task, I need to find two soapbottles and put them in the garbagecan one at a time. "
-             "Soapbottles are often in a drawer or on a countertop. I check the drawer 4.",
-             "go to drawer 4", "You arrive at drawer 4. The drawer 4 is closed."),
-            ("The drawer 4 is closed. I open it.",
-             "open drawer 4", "You open the drawer 4. The drawer 4 is open. In it, you see a soapbottle 1, and a "
-             "tissuebox 1."),
-            ("There is a soapbottle 1 inside. I take it.",
-             "take soapbottle 1 from drawer 4", "You pick up the soapbottle 1 from the drawer 4."),
-            ("I bring the first soapbottle to the garbagecan 1.",
-             "go to garbagecan 1", "You arrive at garbagecan 1. On the garbagecan 1, you see a soapbar 1."),
-            ("I put the soapbottle 1 in the garbagecan 1.",
-             "put soapbottle 1 in/on garbagecan 1", "You put the soapbottle 1 in/on the garbagecan 1."),
-            ("One soapbottle is done. I need a second one; I check another drawer, the drawer 1.",
-             "go to drawer 1", "You arrive at drawer 1. The drawer 1 is closed."),
-            ("The drawer 1 is closed. I open it.",
-             "open drawer 1", "You open the drawer 1. The drawer 1 is open. In it, you see a soapbottle 2, a "
+            ("go to drawer 4",
+             "You arrive at drawer 4. The drawer 4 is closed."),
+            ("open drawer 4",
+             "You open the drawer 4. The drawer 4 is open. In it, you see a soapbottle 1, and "
+             "a tissuebox 1."),
+            ("take soapbottle 1 from drawer 4",
+             "You pick up the soapbottle 1 from the drawer 4."),
+            ("go to garbagecan 1",
+             "You arrive at garbagecan 1. On the garbagecan 1, you see a soapbar 1."),
+            ("put soapbottle 1 in/on garbagecan 1",
+             "You put the soapbottle 1 in/on the garbagecan 1."),
+            ("go to drawer 1",
+             "You arrive at drawer 1. The drawer 1 is closed."),
+            ("open drawer 1",
+             "You open the drawer 1. The drawer 1 is open. In it, you see a soapbottle 2, a "
              "spraybottle 1, and a tissuebox 2."),
-            ("There is a soapbottle 2 here. I take it.",
-             "take soapbottle 2 from drawer 1", "You pick up the soapbottle 2 from the drawer 1."),
-            ("I bring the second soapbottle to the garbagecan 1.",
-             "go to garbagecan 1", "You arrive at garbagecan 1. On the garbagecan 1, you see a soapbar 1, and a "
+            ("take soapbottle 2 from drawer 1",
+             "You pick up the soapbottle 2 from the drawer 1."),
+            ("go to garbagecan 1",
+             "You arrive at garbagecan 1. On the garbagecan 1, you see a soapbar 1, and a "
              "soapbottle 1."),
-            ("I put the soapbottle 2 in the garbagecan 1. Now both soapbottles are in it.",
-             "put soapbottle 2 in/on garbagecan 1", "You put the soapbottle 2 in/on the garbagecan 1."),
+            ("put soapbottle 2 in/on garbagecan 1",
+             "You put the soapbottle 2 in/on the garbagecan 1."),
         ),
     ),
 }
+
+
+def _planned(task_type: str, observation: str, played) -> Example:
+    task = observation.split("Your task is to: ")[1]
+    steps = tuple((plan_reason(task, played[:k], action), action, answer) for k, (action, answer) in enumerate(played))
+    return Example(task_type, observation, steps)
+
+
+EXAMPLES = {task_type: _planned(task_type, *example) for task_type, example in _PLAYED.items()}  # put phrasing
 
 
 def convert_observation(observation: str, phrasing: Phrasing) -> str:
@@ -171,12 +174,10 @@ def convert_observation(observation: str, phrasing: Phrasing) -> str:
 
 
 def example_for(task_type: str, phrasing: Phrasing = "put") -> Example:
-    example = EXAMPLES[task_type]
-    steps = tuple(
-        (thought, convert_action(action, phrasing), convert_observation(obs, phrasing))
-        for thought, action, obs in example.steps
-    )
-    return Example(task_type, example.observation, steps)
+    """The example of a task type in ``phrasing``, its thoughts reasoned in that phrasing too."""
+    observation, played = _PLAYED[task_type]
+    return _planned(task_type, observation, [(convert_action(action, phrasing), convert_observation(answer, phrasing))
+                                             for action, answer in played])
 
 
 _WEBSHOP_INSTRUCTION = ("i'm looking for a detachable hood winter jacket in olive color and medium size, and price "

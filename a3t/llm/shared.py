@@ -14,7 +14,7 @@ weights repacked into a layout without a backward pass (``a3t.llm.models.load_mo
 from __future__ import annotations
 
 import threading
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +30,7 @@ class SharedModel:
     tokenizer: Any
     lock: threading.RLock = field(default_factory=threading.RLock)
     adapters: dict[tuple, str] = field(default_factory=dict)  # adapter's stamp -> its peft name
+    merged: str | None = None  # the adapter whose weights are merged into the base weights now
 
     def attach(self, adapter: str | Path) -> str:
         """The peft name of ``adapter`` (a folder), loaded onto the base model the first time. An
@@ -50,14 +51,40 @@ class SharedModel:
 
     @contextmanager
     def using(self, adapter_name: str | None):
-        """Hold the model with ``adapter_name`` active (None: the base model alone)."""
+        """Hold the model with ``adapter_name`` active (None: the base model alone).
+
+        A full-precision base gets the active adapter merged into its weights (peft's
+        merge_adapter; unmerged again before another one is merged): the forward then runs
+        no LoRA branch, which cost a fifth of SmolLM2's decode time on a CPU. Merging and
+        unmerging round the weights by about 1e-7; a 4-bit base keeps its adapters unmerged
+        (merging would quantize the adapter's weights)."""
         with self.lock:
-            if adapter_name is None:
-                with self.model.disable_adapter() if self.adapters else nullcontext():
+            if not self.adapters:
+                yield self.model
+                return
+            if self._mergeable():
+                if self.merged != adapter_name:
+                    if self.merged is not None:
+                        self.model.unmerge_adapter()
+                    self.merged = None
+                    if adapter_name is not None:
+                        self.model.set_adapter(adapter_name)
+                        self.model.merge_adapter()
+                        self.merged = adapter_name
+                if adapter_name is None:
+                    with self.model.disable_adapter():
+                        yield self.model
+                else:
+                    yield self.model
+            elif adapter_name is None:
+                with self.model.disable_adapter():
                     yield self.model
             else:
                 self.model.set_adapter(adapter_name)
                 yield self.model
+
+    def _mergeable(self) -> bool:
+        return not getattr(self.model.base_model.model, "is_loaded_in_4bit", False)
 
 
 def _stamp(adapter: Path) -> tuple:
