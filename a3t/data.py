@@ -1,8 +1,6 @@
-"""The training set: every round's trajectories, grouped by task, rendered to tokens.
+"""The training set rendered to tokens: each weighted trajectory (a3t.filter) becomes one example.
 
-Rewards are binarized (success = 1, else 0; or kept real-valued for the ``raw`` loss),
-each task's trajectories form a group whose mean reward is the baseline, and each
-trajectory gets one weight (see ``trajectory_weight``). A trajectory is rendered with
+A trajectory is rendered with
 the model's own chat template exactly as the rollout prompt was (a3t.agent.react: the
 prompt of the environment the trajectory says it was played in), and
 its tokens get a loss mask built from character spans of the rendered turns: the
@@ -12,18 +10,15 @@ agent's turns always (content and the end-of-turn token), observations by a sett
 
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 from a3t.agent.examples import PageFormat
 from a3t.agent.react import react_chat
 from a3t.envs.alfworld import Phrasing
+from a3t.filter import LossVariant, filter_trajectories
 from a3t.trajectory import Trajectory, TrajectoryStore
-
-LossVariant = Literal["pg", "sft", "raw"]
 
 
 def load_trajectories(paths: Iterable[str | Path]) -> list[Trajectory]:
@@ -34,33 +29,6 @@ def load_trajectories(paths: Iterable[str | Path]) -> list[Trajectory]:
     for path in paths:
         records += list(TrajectoryStore(path).read(on_error="quarantine"))
     return records
-
-
-def task_baselines(trajectories: list[Trajectory], variant: LossVariant) -> dict[str, float]:
-    """Mean reward of each task's group of trajectories (all rounds together)."""
-    rewards: dict[str, list[float]] = defaultdict(list)
-    for t in trajectories:
-        rewards[t.task_id].append(reward_of(t, variant))
-    return {task: sum(r) / len(r) for task, r in rewards.items()}
-
-
-def reward_of(t: Trajectory, variant: LossVariant) -> float:
-    # Binarized (paper): success 1, everything else 0. ``raw`` keeps WebShop's real reward.
-    return t.reward if variant == "raw" else float(t.success)
-
-
-def trajectory_weight(reward: float, baseline: float, variant: LossVariant) -> float:
-    """The factor on a trajectory's log-likelihood.
-
-    sft: 1 for a success, 0 otherwise (behaviour cloning on successes).
-    pg (A3T): (reward - task baseline) + reward: the policy-gradient term with a per-task
-        baseline plus the SFT term on successes. A failure of a task that also has
-        successes gets -baseline < 0; a task with only successes is plain SFT (weight 1).
-    raw: as pg with the real-valued reward.
-    """
-    if variant == "sft":
-        return 1.0 if reward >= 1.0 else 0.0
-    return (reward - baseline) + reward
 
 
 @dataclass
@@ -135,13 +103,8 @@ def build_examples(
     page_format: PageFormat = "react",
     with_example: bool = True,
 ) -> list[Example]:
-    """Weighted, tokenized examples; trajectories whose weight is 0 add nothing and are left out.
+    """Tokenized examples of the trajectories the filter keeps (a3t.filter: weight not 0). Records of a
+    round's train_set.jsonl carry their weight; others are weighed here, as one set.
     ALFWorld trajectories are rendered in ``phrasing``, WebShop's with pages in ``page_format``."""
-    baselines = task_baselines(trajectories, variant)
-    examples = []
-    for t in trajectories:
-        weight = trajectory_weight(reward_of(t, variant), baselines[t.task_id], variant)
-        if weight != 0.0:
-            examples.append(tokenize_trajectory(tokenizer, t, weight, phrasing, observations, max_length, page_format,
-                                                with_example))
-    return examples
+    return [tokenize_trajectory(tokenizer, t, t.weight, phrasing, observations, max_length, page_format, with_example)
+            for t in filter_trajectories(trajectories, variant)]

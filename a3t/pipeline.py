@@ -249,14 +249,14 @@ def _stats(stats, store: TrajectoryStore) -> dict:
 def build_training_set(cfg: Config, ws: Workspace, round_: int) -> dict:
     """Round k's training set: every trajectory of rounds 0..k of the campaign whose weight
     under ``train.loss`` is not zero (successes, and failures of tasks that also have a
-    success: their baseline makes them negative examples), written to ``train_set.jsonl``."""
-    from a3t.data import load_trajectories, reward_of, task_baselines, trajectory_weight
+    success: their baseline makes them negative examples), written to ``train_set.jsonl``
+    with its weight and baseline (a3t.filter)."""
+    from a3t.data import load_trajectories
+    from a3t.filter import filter_trajectories
 
     files = [f for k in range(round_ + 1) for f in sorted(ws.round_data(k).glob("*.jsonl")) if f.name != TRAIN_SET]
     trajectories = load_trajectories(files)
-    baselines = task_baselines(trajectories, cfg.train.loss)
-    kept = [t for t in trajectories
-            if trajectory_weight(reward_of(t, cfg.train.loss), baselines[t.task_id], cfg.train.loss) != 0.0]
+    kept = filter_trajectories(trajectories, cfg.train.loss)
     out = ws.round_data(round_) / TRAIN_SET
     _write_atomic(out, "".join(t.model_dump_json() + "\n" for t in kept))
     this_round = [t for t in trajectories if t.round == round_]

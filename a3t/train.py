@@ -1,7 +1,7 @@
 """Contrastive self-training: QLoRA with A3T's weighted log-likelihood, on the HF Trainer.
 
 The loss of a batch is  -sum_i w_i * m_i * log p(x_i | x_<i) / N  where w_i is the weight
-of the token's trajectory (a3t.data.trajectory_weight), m_i its loss mask, and N the
+of the token's trajectory (a3t.filter.trajectory_weight), m_i its loss mask, and N the
 number of loss tokens in the whole optimizer step (the Trainer's ``num_items_in_batch``,
 so gradient accumulation gives the same loss as one big batch). Normalizing per token,
 not per trajectory, is our choice: a long trajectory counts by its length, as in plain

@@ -54,6 +54,10 @@ class Trajectory(BaseModel):
     adapter: str | None = None
     timings: dict[str, float] = Field(default_factory=dict, description="Seconds: wall, llm, env.")
     tokens: dict[str, int] = Field(default_factory=dict, description="prompt and completion tokens.")
+    weight: float | None = Field(None, description="Set by the filter (a3t.filter) in a round's train_set.jsonl: "
+                                 "the factor on this trajectory's log-likelihood under the round's loss.")
+    baseline: float | None = Field(None, description="Set by the filter: the mean reward of this task's "
+                                   "trajectories (all rounds), which the weight was computed against.")
 
 
 class TrajectoryFileError(ValueError):

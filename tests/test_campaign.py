@@ -131,7 +131,8 @@ def test_each_round_is_tagged_and_committed_alone(ws):
 
 def test_second_round_trained_on_both_rounds(ws):
     """Round 1's training set is every trajectory of rounds 0 and 1 with a non-zero weight (smoke: pg)."""
-    from a3t.data import load_trajectories, reward_of, task_baselines, trajectory_weight
+    from a3t.data import load_trajectories
+    from a3t.filter import reward_of, task_baselines, trajectory_weight
 
     kept = [json.loads(line)["episode_id"] for line in (round_data(ws, 1) / "train_set.jsonl").read_text().splitlines()]
     played = load_trajectories([f for k in (0, 1) for f in sorted(round_data(ws, k).glob("*.jsonl"))

@@ -14,7 +14,8 @@ import pytest
 from a3t.agent.react import format_turn, react_chat
 from a3t.data import build_examples, load_trajectories, tokenize_trajectory, turn_spans
 from a3t.envs.alfworld_gen import TASK_TYPES
-from a3t.trajectory import StepRecord, Trajectory
+from a3t.filter import filter_trajectories
+from a3t.trajectory import StepRecord, Trajectory, TrajectoryStore
 
 INITIAL = (
     "-= Welcome to TextWorld, ALFRED! =-\n\n"
@@ -246,6 +247,16 @@ def test_build_examples_raw(tokenizer):
     ts = [make_traj("w", False, 0, SHORT).model_copy(update={"reward": 0.5}), make_traj("w", True, 1, SHORT)]
     examples = build_examples(ts, tokenizer, variant="raw", max_length=2048)
     assert [e.weight for e in examples] == pytest.approx([0.25, 1.25])
+
+
+def test_build_examples_of_a_training_set_use_its_recorded_weights(tokenizer, tmp_path):
+    ts = [make_traj("w", True, 0, SHORT)] + [make_traj("w", False, i, SHORT).model_copy(update={"reward": r})
+                                            for i, r in ((1, 0.5), (2, 0.25), (3, 0.25))]
+    store = TrajectoryStore(tmp_path / "train_set.jsonl")
+    for t in filter_trajectories(ts, "raw"):
+        store.append(t)
+    examples = build_examples(load_trajectories([store.path]), tokenizer, variant="raw", max_length=2048)
+    assert [e.weight for e in examples] == pytest.approx([1.5, 0.5])
 
 
 def test_build_examples_of_only_failures_is_empty(tokenizer):

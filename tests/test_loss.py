@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from a3t.data import reward_of, task_baselines, trajectory_weight
+from a3t.filter import filter_trajectories, reward_of, task_baselines, trajectory_weight
 from a3t.envs.alfworld_gen import TASK_TYPES
 from a3t.train import weighted_nll
 from a3t.trajectory import StepRecord, Trajectory
@@ -200,3 +200,16 @@ def test_raw_weights_with_real_rewards():
     assert task_baselines(ts, "raw") == {"w": pytest.approx(0.75)}
     # (0.5 - 0.75) + 0.5 and (1.0 - 0.75) + 1.0
     assert weights_of(ts, "raw") == pytest.approx([0.25, 1.25])
+
+
+def test_the_filter_weighs_once_over_everything_collected():
+    """raw: rewards 1, .5, .25, .25 give baseline .5 and weights 1.5, .5, 0, 0. The kept records
+    carry them; weighing the kept two again would give baseline .75 and 1.25, .25."""
+    ts = [traj("w", True, reward=r, n=i) if r == 1 else traj("w", False, reward=r, n=i)
+          for i, r in enumerate([1.0, 0.5, 0.25, 0.25])]
+    kept = filter_trajectories(ts, "raw")
+    assert [t.episode_id for t in kept] == [ts[0].episode_id, ts[1].episode_id]
+    assert [(t.weight, t.baseline) for t in kept] == [(1.5, 0.5), (0.5, 0.5)]
+    assert filter_trajectories(kept, "raw") == kept  # a training set read back keeps its weights
+    with pytest.raises(ValueError, match="already carry a weight"):
+        filter_trajectories(kept + ts[2:], "raw")
