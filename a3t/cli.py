@@ -411,12 +411,23 @@ def serve_command(
 
 
 @app.command("ui")
-def ui_command(port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 5000) -> None:
-    """Open the MLflow UI of this workspace (mlflow/ store) on 127.0.0.1."""
-    from tasks.tracking import ui_command as mlflow_ui
+def ui_command(
+    overrides: OverridesArg = None,
+    config: ConfigOption = None,
+    profile: ProfileOption = "default",
+    port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 5000,
+) -> None:
+    """Open the MLflow UI of this workspace (mlflow/ store) on 127.0.0.1; prints the page that
+    compares the campaign's rounds (pipeline.campaign)."""
+    from tasks.tracking import comparison_url, ui_command as mlflow_ui
 
+    cfg = _config(config, overrides or [], profile)
     argv = mlflow_ui(Path.cwd(), port)
-    console.print(f"MLflow UI on http://127.0.0.1:{port} (Ctrl-C to stop)")
+    ui = f"http://127.0.0.1:{port}"
+    console.print(f"MLflow UI on {ui} (Ctrl-C to stop)")
+    compare = comparison_url(Path.cwd(), cfg.pipeline.campaign, ui)
+    if compare:
+        console.print(f"rounds of campaign {cfg.pipeline.campaign!r} side by side: {compare}", soft_wrap=True)
     os.execvp(argv[0], argv)
 
 

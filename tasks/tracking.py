@@ -124,6 +124,12 @@ def _client(workspace: str | Path) -> MlflowClient:
     return MlflowClient(tracking_uri=tracking_uri(workspace))
 
 
+# MLflow's UI opens an experiment by its kind: untagged, it guesses GenAI and opens on an empty
+# traces overview; "custom_model_development" (what the UI itself writes when a user picks
+# "Machine learning") opens on the runs, where the rounds and their comparison are.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
 def _experiment_id(client: MlflowClient, workspace: str | Path, name: str, create: bool = True) -> str | None:
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
@@ -132,7 +138,7 @@ def _experiment_id(client: MlflowClient, workspace: str | Path, name: str, creat
         # Artifacts beside the database, so that `a3t ui` serves them; a server decides its own.
         location = str(store_dir(workspace) / "artifacts" / name) if _is_local(tracking_uri(workspace)) else None
         try:
-            return client.create_experiment(name, artifact_location=location)
+            return client.create_experiment(name, artifact_location=location, tags=EXPERIMENT_KIND)
         except MlflowException as e:
             if e.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
@@ -142,6 +148,9 @@ def _experiment_id(client: MlflowClient, workspace: str | Path, name: str, creat
             f"MLflow experiment {name!r} (id {experiment.experiment_id}) is deleted: restore it with "
             f"`mlflow experiments restore --experiment-id {experiment.experiment_id}` or use another experiment"
         )
+    if create and experiment.tags.keys().isdisjoint(EXPERIMENT_KIND):  # made by an older a3t; a user's choice stays
+        for key, value in EXPERIMENT_KIND.items():
+            client.set_experiment_tag(experiment.experiment_id, key, value)
     return experiment.experiment_id
 
 
@@ -580,6 +589,22 @@ def _roll_back_versions(client: MlflowClient, name: str, round_: int) -> None:
 
 
 # --- UI ----------------------------------------------------------------------------------
+
+
+def comparison_url(workspace: str | Path, campaign: str, ui: str, experiment: str = EXPERIMENT) -> str | None:
+    """The MLflow UI page (``ui``: its base URL) that shows the campaign's live round runs side by
+    side (MLflow's "compare runs": metrics, parameters, charts); with one round, that round's run;
+    None before the first round."""
+    from urllib.parse import quote
+
+    history = round_history(workspace, campaign, experiment)
+    if not history:
+        return None
+    experiment_id = _experiment_id(_client(workspace), workspace, experiment, create=False)
+    if len(history) == 1:
+        return f"{ui}/#/experiments/{experiment_id}/runs/{history[0]['run_id']}"
+    runs = json.dumps([h["run_id"] for h in history])
+    return f"{ui}/#/compare-runs?runs={quote(runs)}&experiments={quote(json.dumps([experiment_id]))}"
 
 
 def ui_command(workspace: str | Path, port: int = 5000) -> list[str]:

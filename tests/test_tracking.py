@@ -83,6 +83,25 @@ def test_store_lives_in_the_workspace_and_a_set_uri_wins(tmp_path, monkeypatch):
         tracking.ui_command(tmp_path)
 
 
+def test_the_experiment_opens_on_its_runs_and_the_rounds_compare_side_by_side(workspace):
+    assert tracking.comparison_url(workspace, "c1", "http://ui") is None  # no round yet
+    parent = tracking.campaign_run(workspace, "c1", CONFIG)
+    rounds = [tracking.round_run(workspace, "c1", k, parent, CONFIG) for k in (0, 1)]
+    experiment = client(workspace).get_experiment_by_name("a3t")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    url = tracking.comparison_url(workspace, "c1", "http://ui")
+    assert url.startswith("http://ui/#/compare-runs?runs=") and all(run in url for run in rounds)
+    assert f"experiments=%5B%22{experiment.experiment_id}%22%5D" in url
+    # An experiment made before the tag gets it; a kind a user picked in the UI stays.
+    c = client(workspace)
+    c.delete_experiment_tag(experiment.experiment_id, "mlflow.experimentKind")
+    tracking.campaign_run(workspace, "c1", CONFIG)
+    assert c.get_experiment(experiment.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
+    c.set_experiment_tag(experiment.experiment_id, "mlflow.experimentKind", "finetuning")
+    tracking.campaign_run(workspace, "c1", CONFIG)
+    assert c.get_experiment(experiment.experiment_id).tags["mlflow.experimentKind"] == "finetuning"
+
+
 def test_flatten_config():
     nested = {"b": {"c": 1}, "flag": True, "none": None, "list": [1, "x"], "empty": {}}
     flat = tracking.flatten_config({"a": nested, "s": "text", "long": "x" * 7000})
