@@ -143,7 +143,8 @@ class LLMConfig(_Section):
         "OPENAI_API_KEY", description="openai: environment variable holding the API key (never logged)."
     )
     timeout_s: float = Field(120.0, gt=0, description="openai: seconds to wait for one reply.")
-    max_retries: int = Field(3, ge=0, description="openai: retries on connection errors, timeouts and 5xx.")
+    max_retries: int = Field(3, ge=0, description="openai: retries after a failed attempt (0: one attempt) on connection "
+                             "errors, timeouts, HTTP 408/409/429 and 5xx (the openai client's backoff).")
     structured_output: Literal["json_schema", "guided_choice", "grammar"] = Field(
         "json_schema",
         description="openai: how the server is asked to restrict a constrained action to the admissible ones: "

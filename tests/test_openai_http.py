@@ -14,13 +14,20 @@ from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
+import openai
 import pytest
 
 from a3t.llm.base import Completion, Sampling, stop_after_action_line
 from a3t.llm.openai_http import LLMServerError, OpenAICompatibleLLM
 from a3t.llm.server import serve
 
-FAST = {"backoff_s": 0.01, "api_key_env": None}
+FAST = {"api_key_env": None}
+
+
+@pytest.fixture(autouse=True)
+def short_backoff(monkeypatch):
+    """The openai client waits 0.5 s, 1 s, ... between attempts; a few ms here keeps the tests short."""
+    monkeypatch.setattr(openai._base_client, "INITIAL_RETRY_DELAY", 0.01)
 OK_REPLY = {
     "id": "x",
     "object": "chat.completion",
@@ -60,7 +67,7 @@ def stdlib_server(answer: Answer, sleep_s: float = 0.0) -> Iterator[tuple[str, R
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self) -> None:  # noqa: N802
             body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-            headers = dict(self.headers.items())
+            headers = {k.title(): v for k, v in self.headers.items()}  # HTTP header names ignore case
             with recorder.lock:
                 recorder.requests.append((self.path, headers, body))
                 n = len(recorder.requests)
@@ -199,9 +206,9 @@ def test_server_unknown_path_and_model_failure():
 # -- (b) timeout, (c) 5xx and retries, (d) unreachable, (e) the API key ----------------------------
 
 
-def test_timeout_after_max_retries_attempts():
+def test_timeout_after_max_retries_retries():
     with stdlib_server(lambda n, h: (200, OK_REPLY), sleep_s=1.0) as (url, seen):
-        client = OpenAICompatibleLLM(url, "m", timeout_s=0.2, max_retries=3, **FAST)
+        client = OpenAICompatibleLLM(url, "m", timeout_s=0.2, max_retries=2, **FAST)
         started = time.monotonic()
         with pytest.raises(LLMServerError) as info:
             client.complete([CHAT], Sampling())
@@ -216,7 +223,7 @@ def test_timeout_after_max_retries_attempts():
 def test_http_500_is_retried_then_reported():
     with stdlib_server(lambda n, h: (500, {"error": {"message": "kaboom: CUDA error"}})) as (url, seen):
         with pytest.raises(LLMServerError) as info:
-            OpenAICompatibleLLM(url, "m", max_retries=3, **FAST).complete([CHAT], Sampling())
+            OpenAICompatibleLLM(url, "m", max_retries=2, **FAST).complete([CHAT], Sampling())
         assert seen.count == 3
     message = str(info.value)
     assert "HTTP 500" in message and "kaboom: CUDA error" in message and url in message
@@ -276,7 +283,7 @@ def free_port() -> int:
 def test_unreachable_server_names_the_url():
     url = f"http://127.0.0.1:{free_port()}/v1"
     with pytest.raises(LLMServerError) as info:
-        OpenAICompatibleLLM(url, "m", max_retries=2, **FAST).complete([CHAT], Sampling())
+        OpenAICompatibleLLM(url, "m", max_retries=1, **FAST).complete([CHAT], Sampling())
     message = str(info.value)
     assert "cannot reach" in message and f"{url}/chat/completions" in message and "2 attempts" in message
 
@@ -289,7 +296,7 @@ def test_api_key_is_sent_and_never_shown(monkeypatch):
         return 500, {"error": f"bad gateway for {headers.get('Authorization')}"}
 
     with stdlib_server(answer) as (url, seen):
-        client = OpenAICompatibleLLM(url, "m", api_key_env="A3T_TEST_KEY", max_retries=2, backoff_s=0.01)
+        client = OpenAICompatibleLLM(url, "m", api_key_env="A3T_TEST_KEY", max_retries=1)
         with pytest.raises(LLMServerError) as info:
             client.complete([CHAT], Sampling())
         headers = seen.requests[0][1]
@@ -299,7 +306,7 @@ def test_api_key_is_sent_and_never_shown(monkeypatch):
     assert key not in repr(client) and key not in str(client) and "A3T_TEST_KEY" in repr(client)
     # no key in the unreachable / timeout errors either
     with pytest.raises(LLMServerError) as info:
-        OpenAICompatibleLLM(f"http://127.0.0.1:{free_port()}/v1", "m", api_key_env="A3T_TEST_KEY", max_retries=1).complete(
+        OpenAICompatibleLLM(f"http://127.0.0.1:{free_port()}/v1", "m", api_key_env="A3T_TEST_KEY", max_retries=0).complete(
             [CHAT], Sampling()
         )
     assert key not in str(info.value)
@@ -419,7 +426,7 @@ def test_server_that_ignores_the_constraint_is_an_error(form, monkeypatch):
         return 200, reply_with(f"Thought: {headers.get('Authorization')}\nAction: go to desk 1")
 
     with stdlib_server(answer) as (url, seen):
-        client = OpenAICompatibleLLM(url, "m", api_key_env="A3T_TEST_KEY", structured_output=form, backoff_s=0.01)
+        client = OpenAICompatibleLLM(url, "m", api_key_env="A3T_TEST_KEY", structured_output=form)
         with pytest.raises(LLMServerError) as info:
             client.complete([ACTION_CHAT], Sampling(), choices=[CHOICES])
         assert seen.count == 1  # not retried: the server would ignore it again

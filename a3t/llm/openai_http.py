@@ -1,8 +1,9 @@
 """An LLM backend that talks to any OpenAI-compatible chat server over HTTP.
 
 ``POST {base_url}/chat/completions`` as served by vLLM, the llama.cpp server, Ollama, OpenAI,
-or a3t's own :mod:`a3t.llm.server`. A batch of chats becomes concurrent requests (a thread
-pool over one ``httpx.Client``); the server batches and caches prefixes on its side, so
+or a3t's own :mod:`a3t.llm.server`, through the official ``openai`` client (its retries with
+backoff and ``Retry-After``, its timeouts). A batch of chats becomes concurrent requests (a
+thread pool over one client); the server batches and caches prefixes on its side, so
 ``sessions`` are ignored and ``release`` does nothing.
 
 The stop rule is a Python callable, which no server understands: it is applied here, to the
@@ -25,29 +26,27 @@ otherwise feed the agent free text as an action, so that is an :class:`LLMServer
 the setting to change.
 
 The API key is read once, from the environment variable named by ``api_key_env``, and sent
-as ``Authorization: Bearer ...``. It never appears in ``repr``, logs or error messages (a
-server that echoes it back in an error body gets it masked).
+as ``Authorization: Bearer ...``; without one no Authorization header is sent (local servers
+need none). It never appears in ``repr``, logs or error messages (a server that echoes it back
+in an error body gets it masked).
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import os
-import random
-import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-import httpx
+import openai
 
 from a3t.llm.base import Chat, Completion, Sampling, StopRule
 
-log = logging.getLogger(__name__)
-
 _SNIPPET_CHARS = 300
-_MAX_RETRY_AFTER_S = 60.0
 STRUCTURED_OUTPUTS = ("json_schema", "guided_choice", "grammar")
+# Fields of a chat completion request the ``openai`` client has no parameter for (servers'
+# extensions): they travel in ``extra_body``.
+_EXTENSIONS = ("continue_final_message", "add_generation_prompt", "structured_outputs", "guided_choice", "grammar")
 
 
 class LLMServerError(RuntimeError):
@@ -55,25 +54,15 @@ class LLMServerError(RuntimeError):
     that is not an OpenAI chat completion. The message says what went wrong and where."""
 
 
-class _Retryable(Exception):
-    """One failed attempt that is worth trying again; carries the final message."""
-
-    def __init__(self, message: str, retry_after: float | None = None):
-        super().__init__(message)
-        self.message = message
-        self.retry_after = retry_after
-
-
 class OpenAICompatibleLLM:
     """The :class:`a3t.llm.base.LLM` protocol over an OpenAI-compatible chat API.
 
     ``base_url`` ends before ``/chat/completions``, e.g. ``http://127.0.0.1:8000/v1``.
-    ``max_retries`` is the number of attempts per request in all (1 = no retry); attempts
-    are repeated, with exponential backoff ``backoff_s * 2**k`` (or the server's
-    ``Retry-After`` if longer), on connection errors, timeouts, HTTP 429 and 5xx. Other 4xx
-    and malformed replies fail at once. ``timeout_s`` bounds each network wait (connect,
-    send, each read), not the whole request. ``structured_output`` is how constrained chats
-    are asked for (see the module docstring).
+    ``max_retries`` is the number of retries after a failed attempt (0 = one attempt), on
+    connection errors, timeouts, HTTP 408, 409, 429 and 5xx, with the ``openai`` client's
+    exponential backoff (or the server's ``Retry-After``). Other 4xx and malformed replies fail
+    at once. ``timeout_s`` bounds each network wait (connect, send, each read), not the whole
+    request. ``structured_output`` is how constrained chats are asked for (module docstring).
     """
 
     adapter: str | None = None
@@ -85,7 +74,6 @@ class OpenAICompatibleLLM:
         api_key_env: str | None = "OPENAI_API_KEY",
         timeout_s: float = 60,
         max_retries: int = 3,
-        backoff_s: float = 1.0,
         concurrency: int = 8,
         structured_output: str = "json_schema",
     ):
@@ -93,8 +81,8 @@ class OpenAICompatibleLLM:
             raise ValueError(f"base_url must start with http:// or https://, got {base_url!r}")
         if timeout_s <= 0:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
-        if max_retries < 1:
-            raise ValueError(f"max_retries (attempts in all) must be >= 1, got {max_retries}")
+        if max_retries < 0:
+            raise ValueError(f"max_retries must be >= 0, got {max_retries}")
         if concurrency < 1:
             raise ValueError(f"concurrency must be >= 1, got {concurrency}")
         if structured_output not in STRUCTURED_OUTPUTS:
@@ -107,19 +95,15 @@ class OpenAICompatibleLLM:
         self.api_key_env = api_key_env
         self.timeout_s = float(timeout_s)
         self.max_retries = int(max_retries)
-        self.backoff_s = float(backoff_s)
         self.concurrency = int(concurrency)
         self.structured_output = structured_output
         key = os.environ.get(api_key_env) if api_key_env else None
         self._api_key: str | None = key or None
-        headers = {"Content-Type": "application/json"}
-        if self._api_key:
-            headers["Authorization"] = f"Bearer {self._api_key}"
-        self._client = httpx.Client(
-            headers=headers,
-            timeout=httpx.Timeout(self.timeout_s),
-            limits=httpx.Limits(max_connections=self.concurrency, max_keepalive_connections=self.concurrency),
-        )
+        # The client insists on a key; without one it gets a placeholder that is never sent
+        # (each request omits the header).
+        self._headers = {} if self._api_key else {"Authorization": openai.Omit()}
+        self._client = openai.OpenAI(base_url=self.base_url, api_key=self._api_key or "unused", timeout=self.timeout_s,
+                                     max_retries=self.max_retries)
 
     def __repr__(self) -> str:
         key = "set" if self._api_key else "not set"
@@ -203,7 +187,7 @@ class OpenAICompatibleLLM:
     def _complete_one(
         self, chat: Chat, choices: list[str] | None, sampling: Sampling, stop: StopRule | None
     ) -> Completion:
-        data = self._post_with_retries(self._payload(chat, sampling, choices))
+        data = self._post(self._payload(chat, sampling, choices))
         try:
             choice = data["choices"][0]
             text = choice["message"]["content"]
@@ -257,53 +241,33 @@ class OpenAICompatibleLLM:
             f"none of the {len(choices)} admissible actions; {hint}"
         )
 
-    def _post_with_retries(self, payload: dict[str, Any]) -> Any:
-        attempts = self.max_retries
-        for attempt in range(1, attempts + 1):
-            try:
-                return self._post_once(payload)
-            except _Retryable as failure:
-                if attempt == attempts:
-                    raise LLMServerError(
-                        f"{failure.message} (gave up after {attempts} attempt{'s' * (attempts > 1)})"
-                    ) from None
-                delay = self.backoff_s * 2 ** (attempt - 1)
-                if failure.retry_after is not None:
-                    delay = max(delay, failure.retry_after)
-                delay *= 1 + 0.1 * random.random()  # jitter: concurrent requests do not retry in lockstep
-                log.warning("%s; attempt %d/%d, retrying in %.2f s", failure.message, attempt, attempts, delay)
-                time.sleep(delay)
-        raise AssertionError("unreachable")
-
-    def _post_once(self, payload: dict[str, Any]) -> Any:
-        # Errors are raised ``from None``: httpx exceptions hold the request, headers included.
+    def _post(self, payload: dict[str, Any]) -> Any:
+        """The server's JSON reply to one request (the client retries); an LLMServerError else.
+        Errors are raised ``from None``: the client's exceptions hold the request, headers included."""
+        extra = {key: payload.pop(key) for key in _EXTENSIONS if key in payload}
+        tries = f"gave up after {self.max_retries + 1} attempt{'s' * (self.max_retries > 0)}"
         try:
-            response = self._client.post(self.url, json=payload)
-        except httpx.TimeoutException as exc:
-            raise _Retryable(
-                f"LLM server at {self.url} timed out: no answer within timeout_s={self.timeout_s:g} s "
-                f"({type(exc).__name__})"
-            ) from None
-        except httpx.TransportError as exc:
-            raise _Retryable(
-                f"cannot reach LLM server at {self.url}: {type(exc).__name__}: {self._redact(str(exc))}"
-            ) from None
-        status = response.status_code
-        if status == 429 or status >= 500:
-            raise _Retryable(
-                f"LLM server at {self.url} answered HTTP {status}: {self._error_snippet(response)}",
-                retry_after=_retry_after(response),
-            )
-        if status >= 400:
-            raise LLMServerError(
-                f"LLM server at {self.url} refused the request with HTTP {status}: {self._error_snippet(response)}"
-            )
+            # The raw reply: a3t checks it itself, to say what is wrong with a malformed one.
+            response = self._client.chat.completions.with_raw_response.create(**payload, extra_body=extra or None,
+                                                                        extra_headers=self._headers)
+        except openai.APITimeoutError:
+            raise LLMServerError(f"LLM server at {self.url} timed out: no answer within "
+                                 f"timeout_s={self.timeout_s:g} s ({tries})") from None
+        except openai.APIConnectionError as exc:
+            cause = exc.__cause__ or exc
+            raise LLMServerError(f"cannot reach LLM server at {self.url}: {type(cause).__name__}: "
+                                 f"{self._redact(str(cause))} ({tries})") from None
+        except openai.APIStatusError as exc:
+            status, body = exc.status_code, self._error_snippet(exc.response)
+            if status in (408, 409, 429) or status >= 500:
+                raise LLMServerError(f"LLM server at {self.url} answered HTTP {status}: {body} ({tries})") from None
+            raise LLMServerError(f"LLM server at {self.url} refused the request with HTTP {status}: {body}") from None
+        reply = response.http_response
         try:
-            return response.json()
+            return reply.json()
         except ValueError:
-            raise LLMServerError(
-                f"reply from LLM server at {self.url} (HTTP {status}) is not JSON: {self._snippet(response.text)}"
-            ) from None
+            raise LLMServerError(f"reply from LLM server at {self.url} (HTTP {reply.status_code}) is not JSON: "
+                                 f"{self._snippet(reply.text)}") from None
 
     # -- keeping the key out of messages -------------------------------------------------------
 
@@ -321,7 +285,7 @@ class OpenAICompatibleLLM:
             text = text[:_SNIPPET_CHARS] + "..."
         return text or "(empty body)"
 
-    def _error_snippet(self, response: httpx.Response) -> str:
+    def _error_snippet(self, response) -> str:
         try:
             error = response.json()["error"]
             message = error["message"] if isinstance(error, dict) else error
@@ -346,13 +310,3 @@ def _count(usage: Any, key: str) -> int:
         return 0
     value = usage.get(key)
     return value if isinstance(value, int) and value >= 0 else 0
-
-
-def _retry_after(response: httpx.Response) -> float | None:
-    value = response.headers.get("retry-after")
-    if value is None:
-        return None
-    try:
-        return min(max(float(value), 0.0), _MAX_RETRY_AFTER_S)
-    except ValueError:
-        return None  # an HTTP date: fall back to our own backoff
