@@ -264,29 +264,21 @@ def train_command(
     ] = None,
 ) -> None:
     """Train a QLoRA adapter on trajectories with the A3T loss (pg / sft / raw)."""
-    from transformers import AutoTokenizer
-
-    from a3t.data import build_examples, load_trajectories
-    from a3t.llm.models import resolve_model_path
-    from a3t.pipeline import shows_example
-    from a3t.train import train_adapter
+    from a3t.data import load_trajectories
+    from a3t.pipeline import train_policy
 
     cfg = _config(config, overrides or [], profile)
     missing = [str(p) for p in data if not p.is_file()]
     if missing:
         console.print(f"[red]trajectory file(s) not found: {', '.join(missing)}[/red]")
         raise typer.Exit(1)
-    base = resolve_model_path(cfg.llm.model)
-    tokenizer = AutoTokenizer.from_pretrained(str(base), local_files_only=True)
-    t = cfg.train
-    examples = build_examples(load_trajectories(data), tokenizer, t.loss, t.observations_in_loss, cfg.env.phrasing,
-                              t.max_length, cfg.webshop.observation_format, with_example=shows_example(cfg, "trained"))
-    console.print(f"{len(examples)} weighted trajectories ({t.loss} loss) from {len(data)} file(s)")
-    epochs = t.epochs_first_round if round_ == 0 else t.epochs_later_rounds
-    start = None if t.from_base_each_round else init_adapter
-    stats = train_adapter(examples, base, out, t, epochs, init_adapter=start, device=cfg.llm.device)
+    stats = train_policy(cfg, load_trajectories(data), out, round_, previous=init_adapter)
+    console.print(f"{stats['examples']} weighted trajectories ({cfg.train.loss} loss) from {len(data)} file(s)")
     console.print_json(data=stats)
-    console.print(f"adapter: {out / 'adapter'}")
+    if stats["examples"]:
+        console.print(f"adapter: {out / 'adapter'}")
+    else:
+        raise typer.Exit(1)
 
 
 # --- The pipeline: Prefect flows over a workspace (the current directory) ---------------------

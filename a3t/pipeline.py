@@ -281,28 +281,40 @@ def train_round(cfg: Config, ws: Workspace, round_: int) -> dict:
     """Train round k's adapter on its training set (from the base model, or from round k-1's
     adapter when train.from_base_each_round is false). Returns the training statistics; a
     finished adapter is not trained again."""
-    from transformers import AutoTokenizer
-
-    from a3t.data import build_examples, load_trajectories
-    from a3t.llm.models import resolve_model_path
-    from a3t.train import train_adapter
+    from a3t.data import load_trajectories
 
     stats_file = ws.adapter(round_) / "train_stats.json"
     if stats_file.is_file():
         return json.loads(stats_file.read_text())
+    return train_policy(cfg, load_trajectories([ws.round_data(round_) / TRAIN_SET]), ws.adapter(round_).parent,
+                        round_, previous=policy_adapter(ws, round_ - 1))
+
+
+def train_policy(cfg: Config, trajectories: list, out: Path, round_: int, previous: Path | None = None) -> dict:
+    """An adapter in ``out`` (``adapter/``, ``checkpoints/``; a rerun resumes) trained on the
+    trajectories under ``train.loss``: a training set's records with their weights, other
+    trajectories weighed by the filter. Round 0 trains ``epochs_first_round``; ``previous`` is
+    continued when ``train.from_base_each_round`` is false. Returns the training statistics;
+    with nothing of non-zero weight, trains nothing and says so. ``a3t train`` and the
+    pipeline's train step both call this."""
+    from transformers import AutoTokenizer
+
+    from a3t.data import build_examples
+    from a3t.llm.models import resolve_model_path
+    from a3t.train import train_adapter
+
     base = resolve_model_path(cfg.llm.model)
     tokenizer = AutoTokenizer.from_pretrained(str(base), local_files_only=True)
     t = cfg.train
-    examples = build_examples(load_trajectories([ws.round_data(round_) / TRAIN_SET]), tokenizer, t.loss,
-                              t.observations_in_loss, cfg.env.phrasing, t.max_length, cfg.webshop.observation_format,
+    examples = build_examples(trajectories, tokenizer, t.loss, t.observations_in_loss, cfg.env.phrasing,
+                              t.max_length, cfg.webshop.observation_format,
                               with_example=shows_example(cfg, adapter="trained"))
     if not examples:
-        # Nothing succeeded yet: the round keeps the policy it played with (policy_adapter).
+        # Nothing succeeded yet: a round keeps the policy it played with (policy_adapter).
         return {"examples": 0, "loss_per_epoch": [], "skipped": "no trajectory with a non-zero weight to train on"}
     epochs = t.epochs_first_round if round_ == 0 else t.epochs_later_rounds
-    start = None if t.from_base_each_round else policy_adapter(ws, round_ - 1)
-    return train_adapter(examples, base, ws.adapter(round_).parent, t, epochs, init_adapter=start,
-                         device=cfg.llm.device)
+    start = None if t.from_base_each_round else previous
+    return train_adapter(examples, base, out, t, epochs, init_adapter=start, device=cfg.llm.device)
 
 
 def evaluate_split(cfg: Config, ws: Workspace, round_: int, split: str) -> dict:

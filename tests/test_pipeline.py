@@ -144,3 +144,26 @@ def test_a_round_that_trained_nothing_keeps_the_previous_policy(tmp_path):
     (ws.adapter(0) / "adapter_config.json").write_text("{}")
     assert policy_adapter(ws, 0) == ws.adapter(0)
     assert policy_adapter(ws, 2) == ws.adapter(0)  # rounds 1 and 2 had no success to train on
+
+
+def test_the_train_command_trains_what_the_filter_keeps(tmp_path):
+    """`a3t train` goes through the pipeline's train_policy: the filter's weights, an adapter,
+    and a clear exit when nothing has a non-zero weight."""
+    from typer.testing import CliRunner
+
+    from a3t.cli import app
+
+    played = TrajectoryStore(tmp_path / "played.jsonl")
+    for t in (traj("mixed", True), traj("mixed", False, attempt=1), traj("never", False)):
+        played.append(t)
+    out = tmp_path / "round_0"
+    args = ["train", "-d", str(played.path), "--out", str(out), "--profile", "smoke", "train.loss=pg"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "2 weighted trajectories (pg loss)" in result.output  # the success and its task's failure
+    assert (out / "adapter" / "adapter_config.json").is_file()
+    failures = TrajectoryStore(tmp_path / "failures.jsonl")
+    failures.append(traj("never", False))
+    result = CliRunner().invoke(app, ["train", "-d", str(failures.path), "--out", str(tmp_path / "none"),
+                                      "--profile", "smoke"])
+    assert result.exit_code == 1 and "0 weighted trajectories" in result.output
