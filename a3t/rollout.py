@@ -339,7 +339,7 @@ def _finish(episode: _Episode, reward: float, won: bool, round_: int, policy, an
         steps=episode.steps,
         reward=reward,
         success=won,
-        terminal_reason=(reason or episode.env.terminal_reason).value,
+        terminal_reason=reason or episode.env.terminal_reason,
         model=model.name,
         adapter=model.adapter,
         timings={"wall": time.perf_counter() - episode.started, "llm": episode.llm_s, "env": episode.env_s},

@@ -17,6 +17,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from a3t.envs.base import TerminalReason
+
 SCHEMA_VERSION = 1
 Source = Literal["policy", "explored", "annotated"]
 
@@ -49,7 +51,8 @@ class Trajectory(BaseModel):
     steps: list[StepRecord]
     reward: float
     success: bool = Field(description="Binarized reward: ALFWorld won; WebShop reward == 1.")
-    terminal_reason: str
+    terminal_reason: TerminalReason = Field(description="Why the episode ended: won, step_limit, purchased "
+                                            "(WebShop), no_admissible_action.")
     model: str
     adapter: str | None = None
     timings: dict[str, float] = Field(default_factory=dict, description="Seconds: wall, llm, env.")

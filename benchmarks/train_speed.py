@@ -224,7 +224,7 @@ def synthetic_trajectories(n_tasks: int, steps: int, seed: int):
                 game=f"data/games/json_2.1.1/train/task{task}/game.tw-pddl", task_type=task_type,
                 task=goal, source="policy", initial_observation=initial, steps=records,
                 reward=float(success), success=success,
-                terminal_reason="won" if success else "max_steps", model="synthetic",
+                terminal_reason="won" if success else "step_limit", model="synthetic",
             ))
     return out
 

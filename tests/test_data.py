@@ -57,7 +57,7 @@ def make_traj(task_id="clean/trial_0", success=True, n=0, steps=STEPS, task_type
         steps=list(steps),
         reward=float(success),
         success=success,
-        terminal_reason="won" if success else "max_steps",
+        terminal_reason="won" if success else "step_limit",
         model="tiny-mistral",
     )
 

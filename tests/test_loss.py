@@ -149,7 +149,7 @@ def traj(task_id: str, success: bool, reward: float | None = None, n: int = 0) -
         steps=[StepRecord(thought="I look.", action="look", observation="Nothing happens.")],
         reward=float(success) if reward is None else reward,
         success=success,
-        terminal_reason="won" if success else "max_steps",
+        terminal_reason="won" if success else "step_limit",
         model="tiny",
     )
 

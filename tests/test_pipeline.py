@@ -24,7 +24,7 @@ def traj(task_id, success, round_=0, attempt=0, source="policy", task_type="pick
     return Trajectory(
         episode_id=f"r{round_}/{task_id}#a{attempt}", task_id=task_id, game=f"g/{task_id}", task_type=task_type,
         task="put a mug in desk", round=round_, attempt=attempt, source=source, initial_observation="You are here.",
-        steps=[STEP], reward=float(success), success=success, terminal_reason="won" if success else "max_steps",
+        steps=[STEP], reward=float(success), success=success, terminal_reason="won" if success else "step_limit",
         model="m",
     )
 

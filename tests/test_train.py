@@ -37,7 +37,7 @@ def traj(task_id: str, success: bool, n: int, steps: int = 2) -> Trajectory:
         episode_id=f"{task_id}-{n}", task_id=task_id, game=f"games/{task_id}/game.tw-pddl",
         task_type="pick_clean_then_place_in_recep", task="put a clean mug in cabinet", source="policy",
         initial_observation=INITIAL, steps=STEPS[:steps], reward=float(success), success=success,
-        terminal_reason="won" if success else "max_steps", model="tiny",
+        terminal_reason="won" if success else "step_limit", model="tiny",
     )
 
 
