@@ -54,8 +54,6 @@ EnvName = Literal["alfworld", "webshop"]
 DEFAULT_MAX_STEPS: dict[str, int] = {"alfworld": 12, "webshop": 15}
 # The splits each environment is evaluated on (WebShop's results are reported on its test goals).
 EVAL_SPLITS: dict[str, list[str]] = {"alfworld": ["valid_seen", "valid_unseen"], "webshop": ["test"]}
-# The held-out split whose first-attempt success rate picks the champion adapter.
-HELD_OUT_SPLIT: dict[str, str] = {"alfworld": "valid_unseen", "webshop": "test"}
 
 
 class EnvConfig(_Section):

@@ -29,7 +29,6 @@ from typing import TYPE_CHECKING
 
 from a3t.config import Config, WebShopConfig
 from a3t.progress import rollout_bar
-from a3t.stats import wilson_interval
 from a3t.trajectory import Trajectory, TrajectoryStore
 
 if TYPE_CHECKING:
@@ -315,74 +314,3 @@ def train_policy(cfg: Config, trajectories: list, out: Path, round_: int, previo
     epochs = t.epochs_first_round if round_ == 0 else t.epochs_later_rounds
     start = None if t.from_base_each_round else previous
     return train_adapter(examples, base, out, t, epochs, init_adapter=start, device=cfg.llm.device)
-
-
-def evaluate_split(cfg: Config, ws: Workspace, round_: int, split: str) -> dict:
-    """The policy after round k on a split (the games of ``eval_games_root``, or WebShop's goals);
-    episodes kept in the round's ``eval/<split>.jsonl``."""
-    return evaluate_policy(cfg, eval_games_root(cfg, ws), split, policy_adapter(ws, round_),
-                           ws.round_run(round_) / "eval" / f"{split}.jsonl", round_)
-
-
-def evaluate_policy(
-    cfg: Config, games_root: Path, split: str, adapter: Path | None, store_path: Path, round_: int = 0
-) -> dict:
-    """The policy (base model + ``adapter``) on a split's games (WebShop: goals; ``games_root`` is
-    ALFWorld's): a greedy first attempt without exploration, then up to eval.attempts-1 sampled
-    retries of each failed task (stopping at its first success). Returns ``success_rates``; a
-    rerun resumes from the store."""
-    from a3t.envs.alfworld import find_games
-    from a3t.rollout import rollout, task_for
-
-    if cfg.env.name == "webshop":
-        tasks = webshop_tasks(cfg.webshop, split, cfg.eval.tasks)
-    else:
-        # Sorted games are grouped by task type: the first N would all be of one type.
-        tasks = [task_for(g) for g in spread_over_task_types(find_games(games_root, split), cfg.eval.tasks)]
-    store = TrajectoryStore(store_path)
-    policy, annotator = load_agents(cfg, adapter=adapter)
-    plain = {"p_explore": 0.0, "forced_explore_after_invalid": 10**9, "retry_min": 0, "stop_at_first_success": True}
-    first = cfg.rollout.model_copy(update=plain | {"temperature": 0.0, "retry_max": 0})
-    retries = cfg.rollout.model_copy(update=plain | {"temperature": cfg.eval.temperature,
-                                                     "retry_max": cfg.eval.attempts - 1})
-    for label, rollout_cfg in (("first attempts", first), (f"within {cfg.eval.attempts}", retries)):
-        with rollout_bar(f"evaluate {split}, {label}", len(tasks)) as show:
-            rollout(tasks, store, policy, annotator, rollout_cfg, cfg.env, round_=round_, on_progress=show,
-                    action_mode=cfg.agent.action_mode, with_example=shows_example(cfg, adapter))
-    ids = {t.task_id for t in tasks}
-    return success_rates([t for t in store.read(on_error="skip") if t.task_id in ids], cfg.eval.attempts)
-
-
-def success_rates(trajectories: list[Trajectory], attempts: int) -> dict:
-    """First-attempt success and success within ``attempts`` attempts, overall and per task type
-    (WebShop: product category), each with its 95% Wilson interval (``success_ci``,
-    ``success_within_k_ci``: [low, high]), the number of ``tasks`` and of first-attempt
-    ``successes``; overall also the score: 100 x the mean reward of the first attempts
-    (WebShop's score; ALFWorld's reward is 0 or 1) and of each task's best attempt within k."""
-    tasks: dict[str, dict] = {}
-    for t in trajectories:
-        task = tasks.setdefault(t.task_id, {"type": t.task_type, "first": False, "within": False,
-                                            "reward": 0.0, "best": 0.0})
-        if t.attempt == 0:
-            task["first"], task["reward"] = t.success, t.reward
-        if t.attempt < attempts:
-            task["within"] = task["within"] or t.success
-            task["best"] = max(task["best"], t.reward)
-
-    def mean(group: list[dict], key: str) -> float:
-        return sum(g[key] for g in group) / len(group) if group else 0.0
-
-    def rates(group: list[dict]) -> dict:
-        first, within = sum(g["first"] for g in group), sum(g["within"] for g in group)
-        return {"tasks": len(group), "successes": first,
-                "success": mean(group, "first"), "success_ci": list(wilson_interval(first, len(group))),
-                "success_within_k": mean(group, "within"),
-                "success_within_k_ci": list(wilson_interval(within, len(group)))}
-
-    by_type: dict[str, list[dict]] = defaultdict(list)
-    for task in tasks.values():
-        by_type[task["type"]].append(task)
-    every = list(tasks.values())
-    return {"k": attempts, **rates(every), "score": 100 * mean(every, "reward"),
-            "score_within_k": 100 * mean(every, "best"),
-            "per_type": {kind: rates(group) for kind, group in sorted(by_type.items())}}

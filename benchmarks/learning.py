@@ -36,7 +36,8 @@ from a3t.config import load_config
 from a3t.envs import usable_actions
 from a3t.envs.alfworld import AlfWorldEnv, find_games
 from a3t.envs.alfworld_gen import game_jobs, generate_games
-from a3t.pipeline import Workspace, evaluate_policy, eval_games_root, policy_adapter, spread_over_task_types
+from a3t.evaluate import SplitRates, evaluate_policy
+from a3t.pipeline import Workspace, eval_games_root, policy_adapter, spread_over_task_types
 from a3t.stats import wilson_interval
 
 OTHER_SEED = 1
@@ -74,7 +75,7 @@ def random_policy(games: list[Path], max_steps: int, seed: int = 0) -> float:
     return won / len(games)
 
 
-def evaluate(cfg, games_root: Path, adapter: Path | None, store: Path) -> dict:
+def evaluate(cfg, games_root: Path, adapter: Path | None, store: Path) -> SplitRates:
     """First-attempt success of the base model + adapter on a root's valid_unseen games (a rerun resumes)."""
     cfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"attempts": 1})})
     return evaluate_policy(cfg, games_root, "valid_unseen", adapter, store)
@@ -109,7 +110,7 @@ def main() -> None:
     unseen = curve(ws, "valid_unseen")
     games = spread_over_task_types(find_games(held_out, "valid_unseen"), cfg.eval.tasks)
     bench = workspace / "data" / "runs" / "benchmark"
-    prompted = evaluate(cfg, held_out, None, bench / "prompted.jsonl")["success"]
+    prompted = evaluate(cfg, held_out, None, bench / "prompted.jsonl").success
     report = {
         "bench": "learning",
         "profile": profile,
@@ -132,7 +133,7 @@ def main() -> None:
         # Games the campaign never saw, from another seed: each round's policy, same rules.
         root = other_seed_games(workspace / "data" / f"games_seed{OTHER_SEED}", cfg.games.valid_unseen)
         report[f"seed{OTHER_SEED}_valid_unseen_first"] = [
-            evaluate(cfg, root, policy_adapter(ws, k), bench / f"seed{OTHER_SEED}_round_{k}.jsonl")["success"]
+            evaluate(cfg, root, policy_adapter(ws, k), bench / f"seed{OTHER_SEED}_round_{k}.jsonl").success
             for k in ws.finished_rounds()]
     report["wall_s"] = time.perf_counter() - started
     print(f"workspace: {workspace}", file=sys.stderr)

@@ -14,8 +14,9 @@ from pathlib import Path
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from a3t import evaluate as evaluation
 from a3t import pipeline, versioning
-from a3t.config import HELD_OUT_SPLIT, Config
+from a3t.config import Config
 from a3t.pipeline import Workspace
 from tasks import tracking
 
@@ -118,12 +119,13 @@ def train(cfg: Config, root: str, round_: int) -> dict:
 
 @step(name="evaluate")
 def evaluate(cfg: Config, root: str, round_: int, split: str) -> dict:
-    return pipeline.evaluate_split(cfg, _ws(cfg, root), round_, split)
+    return evaluation.evaluate_round(cfg, _ws(cfg, root), round_, split).model_dump(mode="json")
 
 
 @step(name="evaluate policy")
 def evaluate_policy(cfg: Config, games_root: str, split: str, adapter: str | None, store: str) -> dict:
-    return pipeline.evaluate_policy(cfg, Path(games_root), split, Path(adapter) if adapter else None, Path(store))
+    return evaluation.evaluate_policy(cfg, Path(games_root), split, Path(adapter) if adapter else None,
+                                      Path(store)).model_dump(mode="json")
 
 
 @step(name="start tracking")
@@ -147,10 +149,7 @@ def register(cfg: Config, root: str, round_: int, run_id: str, parent_id: str, s
     tracking.log_success_plot(ws.root, ws.campaign, run_id, parent_id)
     version, champion = None, False
     if trained:
-        # The champion is the best first-attempt success rate on the held-out split (ALFWorld:
-        # valid_unseen; WebShop: test): the binarized objective A3T trains for.
-        split = HELD_OUT_SPLIT[cfg.env.name]
-        score = summary["eval"].get(split, {}).get("success", 0.0)
+        split, score = evaluation.held_out_score(cfg.env.name, summary["eval"])
         version, champion = tracking.register_adapter(ws.root, ws.campaign, run_id, round_, score,
                                                       score_name=tracking.success_key(split))
     tracking.finish_run(ws.root, run_id)
@@ -172,18 +171,7 @@ def round_metrics(summary: dict) -> dict[str, float]:
         if any(f"actre_{name}" in p for p in played):
             metrics[f"actre/{name}"] = sum(p.get(f"actre_{name}", 0) for p in played)
     for split, rates in summary["eval"].items():
-        k = rates["k"]
-        metrics[f"{split}/tasks"] = rates["tasks"]
-        metrics[f"{split}/success"] = rates["success"]
-        metrics[f"{split}/success_within_{k}"] = rates["success_within_k"]
-        # The 95% interval says whether a round's change is more than the noise of a small split.
-        for key, name in (("success", "success"), ("success_within_k", f"success_within_{k}")):
-            metrics[f"{split}/{name}_ci_low"], metrics[f"{split}/{name}_ci_high"] = rates[f"{key}_ci"]
-        metrics[f"{split}/score"] = rates["score"]
-        metrics[f"{split}/score_within_{k}"] = rates["score_within_k"]
-        for kind, r in rates["per_type"].items():
-            metrics[f"{split}/success/{kind}"] = r["success"]
-            metrics[f"{split}/success_within_{k}/{kind}"] = r["success_within_k"]
+        metrics |= evaluation.split_metrics(split, evaluation.SplitRates.model_validate(rates))
     return metrics
 
 

@@ -63,6 +63,7 @@ from mlflow.exceptions import MlflowException  # noqa: E402
 from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_TAG_VAL_LENGTH  # noqa: E402
 from pydantic import BaseModel  # noqa: E402
 
+from a3t.evaluate import is_new_champion  # noqa: E402
 from a3t.trajectory import Trajectory, TrajectoryStore  # noqa: E402
 
 if _MLFLOW_IMPORTED_BEFORE:
@@ -522,7 +523,8 @@ def register_adapter(
     version = str(version)
     client.set_registered_model_alias(name, CHALLENGER, version)
     champion = _aliases(client, name).get(CHAMPION)
-    if champion is None or (champion != version and score > _score(client.get_model_version(name, champion))):
+    best = None if champion is None else _score(client.get_model_version(name, champion))
+    if champion != version and is_new_champion(score, best):
         client.set_registered_model_alias(name, CHAMPION, version)
         champion = version
     return version, champion == version

@@ -12,8 +12,8 @@ from a3t.pipeline import (
     eval_games_root,
     remove_rounds_after,
     spread_over_task_types,
-    success_rates,
 )
+from a3t.evaluate import SplitRates, success_rates
 from a3t.stats import wilson_interval
 from a3t.trajectory import StepRecord, Trajectory, TrajectoryStore
 
@@ -45,23 +45,25 @@ def test_success_rates_first_attempt_and_within_k():
         traj("t4", False), traj("t4", True, attempt=2),  # beyond k=2: does not count
     ]
     rates = success_rates(trajectories, attempts=2)
-    assert rates["tasks"] == 4 and rates["k"] == 2
-    assert rates["success"] == 0.25 and rates["success_within_k"] == 0.5
-    pick = rates["per_type"]["pick_and_place_simple"]
-    assert (pick["tasks"], pick["successes"], pick["success"], pick["success_within_k"]) == (3, 1, 1 / 3, 2 / 3)
-    assert rates["per_type"]["look_at_obj_in_light"]["success_within_k"] == 0.0
-    # Each rate comes with its 95% Wilson interval, as a JSON-ready [low, high] list.
-    assert rates["successes"] == 1
-    assert rates["success_ci"] == list(wilson_interval(1, 4))
-    assert rates["success_within_k_ci"] == list(wilson_interval(2, 4))
-    assert pick["success_ci"] == list(wilson_interval(1, 3))
-    assert rates["per_type"]["look_at_obj_in_light"]["success_within_k_ci"] == list(wilson_interval(0, 1))
-    assert json.loads(json.dumps(rates)) == rates  # the round summary stores it as is
+    assert rates.tasks == 4 and rates.k == 2
+    assert rates.success == 0.25 and rates.success_within_k == 0.5
+    pick = rates.per_type["pick_and_place_simple"]
+    assert (pick.tasks, pick.successes, pick.success, pick.success_within_k) == (3, 1, 1 / 3, 2 / 3)
+    assert rates.per_type["look_at_obj_in_light"].success_within_k == 0.0
+    # Each rate comes with its 95% Wilson interval.
+    assert rates.successes == 1
+    assert rates.success_ci == wilson_interval(1, 4)
+    assert rates.success_within_k_ci == wilson_interval(2, 4)
+    assert pick.success_ci == wilson_interval(1, 3)
+    assert rates.per_type["look_at_obj_in_light"].success_within_k_ci == wilson_interval(0, 1)
+    # The round summary stores it as JSON and reads it back unchanged.
+    assert SplitRates.model_validate(json.loads(json.dumps(rates.model_dump(mode="json")))) == rates
 
 
 def test_evaluation_games_cover_every_task_type(tmp_path, monkeypatch):
     """eval.tasks games spread over the task types, not the first N sorted (all of one type)."""
     import a3t.pipeline as pipeline
+    from a3t.evaluate import evaluate_policy
 
     split = tmp_path / "json_2.1.1" / "valid_unseen"
     for kind in ("look_at_obj", "pick_and_place", "pick_two_obj"):
@@ -77,8 +79,8 @@ def test_evaluation_games_cover_every_task_type(tmp_path, monkeypatch):
     monkeypatch.setattr("a3t.rollout.rollout", rollout)
     monkeypatch.setattr(pipeline, "load_agents", lambda cfg, adapter=None: (None, None))
     cfg = load_config(overrides=["eval.tasks=3", "eval.attempts=2"])
-    rates = pipeline.evaluate_policy(cfg, tmp_path, "valid_unseen", None, tmp_path / "eval.jsonl")
-    assert rates["tasks"] == 0  # nothing played by the stub
+    rates = evaluate_policy(cfg, tmp_path, "valid_unseen", None, tmp_path / "eval.jsonl")
+    assert rates.tasks == 0  # nothing played by the stub
     assert len(played) == 2 and played[0] == played[1]
     types = sorted(task_id.split("/")[-2].split("-")[0] for task_id in played[0])  # valid_unseen/<task>/trial
     assert types == ["look_at_obj", "pick_and_place", "pick_two_obj"]
@@ -167,3 +169,13 @@ def test_the_train_command_trains_what_the_filter_keeps(tmp_path):
     result = CliRunner().invoke(app, ["train", "-d", str(failures.path), "--out", str(tmp_path / "none"),
                                       "--profile", "smoke"])
     assert result.exit_code == 1 and "0 weighted trajectories" in result.output
+
+
+def test_the_champion_is_the_first_round_or_a_strictly_better_one():
+    from a3t.evaluate import held_out_score, is_new_champion
+
+    assert is_new_champion(0.0, None) and is_new_champion(0.25, 0.2)
+    assert not is_new_champion(0.2, 0.2) and not is_new_champion(0.1, 0.2)
+    assert held_out_score("alfworld", {"valid_seen": {"success": 0.5}, "valid_unseen": {"success": 0.25}}) == (
+        "valid_unseen", 0.25)
+    assert held_out_score("webshop", {}) == ("test", 0.0)  # not evaluated

@@ -114,6 +114,7 @@ def test_a_round_loads_the_policy_model_once(tiny_model_dir, games_root, tmp_pat
     import shutil
 
     from a3t import pipeline
+    from a3t.evaluate import evaluate_round
 
     monkeypatch.chdir(tmp_path)
     cfg = load_config(profile="smoke", overrides=[
@@ -124,5 +125,5 @@ def test_a_round_loads_the_policy_model_once(tiny_model_dir, games_root, tmp_pat
     count_loads.clear()
     pipeline.play_train_games(cfg, ws, 1)
     pipeline.play_train_games(cfg, ws, 1, retries=True)
-    pipeline.evaluate_split(cfg, ws, 1, "valid_unseen")
+    evaluate_round(cfg, ws, 1, "valid_unseen")
     assert count_loads == [tiny_model_dir]

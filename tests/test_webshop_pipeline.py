@@ -27,7 +27,8 @@ from a3t.envs import explore_action, make_env, shop_site  # noqa: E402
 from a3t.envs.webshop import WebShopEnv, webshop_site  # noqa: E402
 from a3t.envs.webshop_server import WebShopServerEnv  # noqa: E402
 from a3t.llm.base import Completion  # noqa: E402
-from a3t.pipeline import Workspace, success_rates, train_tasks, webshop_tasks  # noqa: E402
+from a3t.evaluate import success_rates  # noqa: E402
+from a3t.pipeline import Workspace, train_tasks, webshop_tasks  # noqa: E402
 from a3t.rollout import Task, rollout  # noqa: E402
 from a3t.trajectory import Trajectory, TrajectoryStore  # noqa: E402
 from test_webshop_server import server, site  # noqa: E402,F401  (a WebShop-shaped HTTP server on 127.0.0.1)
@@ -292,16 +293,16 @@ def test_webshop_score_and_success_rates():
                     _webshop_trajectory(0.75, 1, "test/1"), _webshop_trajectory(0.0, 0, "test/2"),
                     _webshop_trajectory(1.0, 1, "test/2")]
     rates = success_rates(trajectories, attempts=2)
-    assert rates["success"] == pytest.approx(1 / 3) and rates["success_within_k"] == pytest.approx(2 / 3)
-    assert rates["score"] == pytest.approx(100 * 1.5 / 3)  # 100 x mean first-attempt reward
-    assert rates["score_within_k"] == pytest.approx(100 * 2.75 / 3)  # each goal's best reward within 2 attempts
+    assert rates.success == pytest.approx(1 / 3) and rates.success_within_k == pytest.approx(2 / 3)
+    assert rates.score == pytest.approx(100 * 1.5 / 3)  # 100 x mean first-attempt reward
+    assert rates.score_within_k == pytest.approx(100 * 2.75 / 3)  # each goal's best reward within 2 attempts
 
 
 def test_round_metrics_and_plot_have_the_test_split(tmp_path):
     from tasks import tracking
     from tasks.steps import round_metrics, versioned_paths
 
-    rates = success_rates([_webshop_trajectory(0.5, 0, "test/0")], 2)
+    rates = success_rates([_webshop_trajectory(0.5, 0, "test/0")], 2).model_dump(mode="json")
     summary = {"data": {"collected": {"policy": 1}, "train_set": {"policy": 1}}, "train": {"loss_per_epoch": [1.0]},
                "rollout_tokens_per_s": 1.0, "wall_s": 1.0, "eval": {"test": rates}}
     metrics = round_metrics(summary)
