@@ -6,7 +6,7 @@ with A3T exploration → the training set is filtered from every round so far �
 DVC) → a QLoRA adapter is trained → it is evaluated. Each step reads the files the previous one wrote and is safe to rerun: stores
 skip finished episodes, training resumes from its last checkpoint and returns at once when
 its adapter is there, and the round is finished when ``round.json`` is written. The Prefect
-tasks in ``tasks/`` wrap one function each; nothing here imports Prefect or MLflow.
+tasks in ``a3t/orchestration/steps.py`` wrap one function each; nothing here imports Prefect or MLflow.
 
 Workspace layout (relative to the workspace root, the directory ``a3t run`` runs in)::
 

@@ -43,7 +43,7 @@ RUN = ("run", "--profile", "smoke", "train.epochs_first_round=4")
 
 
 def a3t(ws: Path, env: dict, *args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "a3t.cli", *args], cwd=ws, env=env, stdout=subprocess.PIPE,
+    return subprocess.Popen([sys.executable, "-m", "a3t", *args], cwd=ws, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 

@@ -4,7 +4,7 @@ import sys
 
 from typer.testing import CliRunner
 
-from a3t.cli import app
+from a3t.orchestration.cli import app
 from a3t.envs.alfworld import find_games
 
 runner = CliRunner()
@@ -55,7 +55,7 @@ def test_interactive_play_to_a_win_by_typed_actions(games_root):
     # The stored walkthrough says "move X to Y"; a player types the default "put X in/on Y".
     lines = [w.replace("move ", "put ", 1).replace(" to ", " in/on ", 1) if w.startswith("move ") else w for w in walkthrough]
     proc = subprocess.run(
-        [sys.executable, "-m", "a3t.cli", "games", "play", str(game.parent), "--interactive"],
+        [sys.executable, "-m", "a3t", "games", "play", str(game.parent), "--interactive"],
         input="look\n" + "\n".join(lines) + "\n", capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
@@ -65,7 +65,7 @@ def test_interactive_play_to_a_win_by_typed_actions(games_root):
 def test_interactive_play_by_number_and_quit(games_root):
     game = find_games(games_root, "train")[0]
     proc = subprocess.run(
-        [sys.executable, "-m", "a3t.cli", "games", "play", str(game), "-i"],
+        [sys.executable, "-m", "a3t", "games", "play", str(game), "-i"],
         input="1\nquit\n", capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
@@ -94,7 +94,7 @@ def _render(renderable) -> str:
 
 
 def test_rates_table_shows_the_95_percent_intervals():
-    from a3t.cli import _rates_table
+    from a3t.orchestration.cli import _rates_table
 
     rates = _rates(6, 12, 24) | {"per_type": {"pick": _rates(1, 1, 12), "look": _rates(5, 11, 12)}}
     text = _render(_rates_table("valid_unseen", rates))

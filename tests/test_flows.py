@@ -32,7 +32,7 @@ def test_one_round_with_rollout_shards_on_a_local_dask_cluster(ws, env):
     pytest.importorskip("prefect_dask")
     args = ["round", "--profile", "smoke", "--round", "0", "pipeline.task_runner=dask", "pipeline.rollout_shards=2",
             "pipeline.task_workers=2", "pipeline.annotate_walkthroughs=0", "eval.splits=[valid_unseen]"]
-    done = subprocess.run([sys.executable, "-m", "a3t.cli", *args], cwd=ws, env=env, capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-m", "a3t", *args], cwd=ws, env=env, capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
     assert "DaskTaskRunner" in done.stdout + done.stderr or "dask" in (done.stdout + done.stderr).lower()
@@ -53,7 +53,7 @@ def _free_port() -> int:
 
 def test_serve_registers_a_cron_deployment_that_adds_rounds(ws, env):
     port = _free_port()
-    serve = subprocess.Popen([sys.executable, "-m", "a3t.cli", "serve", "--profile", "smoke", "--cron", "0 3 * * *",
+    serve = subprocess.Popen([sys.executable, "-m", "a3t", "serve", "--profile", "smoke", "--cron", "0 3 * * *",
                               "--port", str(port)], cwd=ws, env=env, stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:

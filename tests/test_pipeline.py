@@ -153,7 +153,7 @@ def test_the_train_command_trains_what_the_filter_keeps(tmp_path):
     and a clear exit when nothing has a non-zero weight."""
     from typer.testing import CliRunner
 
-    from a3t.cli import app
+    from a3t.orchestration.cli import app
 
     played = TrajectoryStore(tmp_path / "played.jsonl")
     for t in (traj("mixed", True), traj("mixed", False, attempt=1), traj("never", False)):

@@ -26,7 +26,7 @@ def _lines(path) -> int:
 def test_killed_rollout_resumes_without_duplicates(tmp_path, games_root, tiny_model_dir):
     out = tmp_path / "rollout.jsonl"
     command = [
-        sys.executable, "-m", "a3t.cli", "rollout",
+        sys.executable, "-m", "a3t", "rollout",
         f"llm.model={tiny_model_dir}", f"games.root={games_root}",
         "rollout.parallel_episodes=2", "env.max_steps=2", "rollout.max_new_tokens=8",
         "rollout.actre_max_new_tokens=8", "rollout.p_explore=0", f"rollout.retry_max={RETRY_MAX}",

@@ -14,7 +14,7 @@ import pytest
 from mlflow import MlflowClient
 
 from a3t.trajectory import StepRecord, Trajectory, TrajectoryStore
-from tasks import tracking
+from a3t.orchestration import tracking
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = {
@@ -204,7 +204,7 @@ def test_plot_without_evaluations(tmp_path):
 
 
 def round_summary(rollout=(), annotate=None):
-    """A round summary as flows/self_improve.py writes it, by hand: 6 of 24 valid_unseen games won."""
+    """A round summary as a3t/orchestration/flows/self_improve.py writes it, by hand: 6 of 24 valid_unseen games won."""
     ci, ci_within = [0.119992, 0.448998], [0.314271, 0.685729]
     rates = {"k": 4, "tasks": 24, "successes": 6, "success": 0.25, "success_ci": ci,
              "success_within_k": 0.5, "success_within_k_ci": ci_within, "score": 25.0, "score_within_k": 50.0,
@@ -216,7 +216,7 @@ def round_summary(rollout=(), annotate=None):
 
 
 def test_round_metrics_log_the_intervals_and_actre_counts():
-    from tasks.steps import round_metrics
+    from a3t.orchestration.steps import round_metrics
 
     shards = [{"episodes": 4, "actre_accepted": 3, "actre_rejected": 1, "actre_fallbacks": 0},
               {"episodes": 2, "actre_accepted": 2, "actre_rejected": 0, "actre_fallbacks": 1}]
@@ -334,7 +334,7 @@ def hook(event, args):
     if event == "socket.connect" and args[0].family in (socket.AF_INET, socket.AF_INET6):
         attempts.append(repr(args[1]))
 sys.addaudithook(hook)
-from tasks import tracking
+from a3t.orchestration import tracking
 import mlflow.telemetry
 ws = sys.argv[1]
 parent = tracking.campaign_run(ws, "net", {"a": 1})

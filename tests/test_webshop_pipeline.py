@@ -299,8 +299,8 @@ def test_webshop_score_and_success_rates():
 
 
 def test_round_metrics_and_plot_have_the_test_split(tmp_path):
-    from tasks import tracking
-    from tasks.steps import round_metrics, versioned_paths
+    from a3t.orchestration import tracking
+    from a3t.orchestration.steps import round_metrics, versioned_paths
 
     rates = success_rates([_webshop_trajectory(0.5, 0, "test/0")], 2).model_dump(mode="json")
     summary = {"data": {"collected": {"policy": 1}, "train_set": {"policy": 1}}, "train": {"loss_per_epoch": [1.0]},
@@ -327,7 +327,7 @@ def test_one_webshop_round_through_the_cli(tmp_path, monkeypatch):
     env = dict(os.environ, PREFECT_HOME=str(tmp_path / "prefect-home"), HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1",
                MLFLOW_TRACKING_URI="", PREFECT_API_URL="")
     args = ["round", "--profile", "smoke", "env.name=webshop", "eval.tasks=2", "pipeline.train_tasks=2"]
-    done = subprocess.run([sys.executable, "-m", "a3t.cli", *args], cwd=ws, env=env, capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-m", "a3t", *args], cwd=ws, env=env, capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
     data = ws / "data" / "trajectories" / "default" / "round_0"
@@ -341,7 +341,7 @@ def test_one_webshop_round_through_the_cli(tmp_path, monkeypatch):
     assert list(summary["eval"]) == ["test"] and summary["eval"]["test"]["tasks"] == 2
     assert 0.0 <= summary["eval"]["test"]["score"] <= 100.0
     assert "test score" in done.stdout
-    from tasks import tracking
+    from a3t.orchestration import tracking
 
     (history,) = tracking.round_history(ws, "default")
     assert {"test/score", "test/success", "test/success_within_2", "test/score_within_2"} <= set(history["metrics"])

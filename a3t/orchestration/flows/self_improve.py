@@ -17,7 +17,7 @@ from prefect.futures import wait
 from a3t.config import Config, PipelineConfig, load_config
 from a3t.pipeline import STAGES, Workspace
 from a3t.versioning import WorkspaceError, workspace_lock
-from tasks import steps
+from a3t.orchestration import steps
 
 
 @flow(name="a3t-self-improve")

@@ -10,7 +10,7 @@ from prefect import flow
 from a3t import pipeline
 from a3t.config import load_config
 from a3t.pipeline import Workspace
-from tasks import steps
+from a3t.orchestration import steps
 
 @flow(name="a3t-evaluate")
 def evaluate(

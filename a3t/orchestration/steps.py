@@ -18,7 +18,7 @@ from a3t import evaluate as evaluation
 from a3t import pipeline, versioning
 from a3t.config import Config
 from a3t.pipeline import Workspace
-from tasks import tracking
+from a3t.orchestration import tracking
 
 # No log_prints: Fast Downward prints its translation log on every game load (it captures
 # stdout to drop it, which Prefect's print capture would bypass).

@@ -304,7 +304,7 @@ def _run_flow(flow_fn, **params):
 
 
 def _with_task_runner(flow_fn, cfg: Config):
-    from flows.self_improve import task_runner
+    from a3t.orchestration.flows.self_improve import task_runner
 
     return flow_fn.with_options(task_runner=task_runner(cfg.pipeline))
 
@@ -319,7 +319,7 @@ def run_command(
     """Run the self-improvement campaign in this directory: rounds of rollout, ActRe exploration,
     filtering, DVC versioning, QLoRA training, evaluation and MLflow tracking. A rerun resumes."""
     cfg = _config(config, overrides or [], profile)
-    from flows.self_improve import self_improve
+    from a3t.orchestration.flows.self_improve import self_improve
 
     started = time.perf_counter()
     _run_flow(_with_task_runner(self_improve, cfg), config_file=_str(config), profile=profile, overrides=overrides or [])
@@ -335,7 +335,7 @@ def round_command(
 ) -> None:
     """Run one round of the campaign (the DVC stage `round` calls this)."""
     cfg = _config(config, overrides or [], profile)
-    from flows.self_improve import one_round
+    from a3t.orchestration.flows.self_improve import one_round
 
     _run_flow(_with_task_runner(one_round, cfg), config_file=_str(config), profile=profile,
               overrides=overrides or [], round_=round_)
@@ -352,7 +352,7 @@ def eval_command(
 ) -> None:
     """Evaluate a policy on eval.splits: first-attempt success and success within eval.attempts (WebShop: and score)."""
     _config(config, overrides or [], profile)
-    from flows.evaluate import evaluate
+    from a3t.orchestration.flows.evaluate import evaluate
 
     results = _run_flow(evaluate, config_file=_str(config), profile=profile, overrides=overrides or [],
                         adapter=_str(adapter), round_=round_)
@@ -370,7 +370,7 @@ def rollback_command(
 ) -> None:
     """Restore the dataset of a round's tag (checked by hash); the next `a3t run` continues from it."""
     _config(config, overrides or [], profile)
-    from flows.rollback import rollback
+    from a3t.orchestration.flows.rollback import rollback
 
     restored = _run_flow(rollback, tag=tag, config_file=_str(config), profile=profile, overrides=overrides or [],
                          force=force)
@@ -391,13 +391,13 @@ def serve_command(
     campaign with more rounds. Uses the server at PREFECT_API_URL, else starts a local one."""
     cfg = _config(config, overrides or [], profile)
     _prefect_env()
-    from flows.serve import prefect_server
+    from a3t.orchestration.flows.serve import prefect_server
 
     params = {"config_file": _str(config and config.resolve()), "profile": profile, "overrides": overrides or [],
               "workspace": str(Path.cwd()), "more_rounds": rounds_per_run}
     with prefect_server(port) as url:
         console.print(f"Prefect server: {url.removesuffix('/api')} (schedules and runs in its UI)")
-        from flows.self_improve import self_improve  # after PREFECT_API_URL is set
+        from a3t.orchestration.flows.self_improve import self_improve  # after PREFECT_API_URL is set
 
         _with_task_runner(self_improve, cfg).serve(name=f"a3t-{cfg.pipeline.campaign}", cron=cron, parameters=params)
 
@@ -411,7 +411,7 @@ def ui_command(
 ) -> None:
     """Open the MLflow UI of this workspace (mlflow/ store) on 127.0.0.1; prints the page that
     compares the campaign's rounds (pipeline.campaign)."""
-    from tasks.tracking import comparison_url, ui_command as mlflow_ui
+    from a3t.orchestration.tracking import comparison_url, ui_command as mlflow_ui
 
     cfg = _config(config, overrides or [], profile)
     argv = mlflow_ui(Path.cwd(), port)

@@ -1,0 +1,1 @@
+"""Prefect flows: they only orchestrate the tasks of a3t.orchestration.steps (self-improvement rounds, evaluation, rollback, schedules)."""

@@ -1,1 +1,0 @@
-"""Prefect flows: they only orchestrate the tasks in tasks/ (self-improvement rounds, evaluation, rollback)."""
