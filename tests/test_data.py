@@ -15,7 +15,8 @@ from a3t.agent.react import format_turn, react_chat
 from a3t.data import build_examples, load_trajectories, tokenize_trajectory, turn_spans
 from a3t.envs.alfworld_gen import TASK_TYPES
 from a3t.filter import filter_trajectories
-from a3t.trajectory import StepRecord, Trajectory, TrajectoryStore
+from a3t.trajectory import StepRecord, TrajectoryStore
+from factories import make_trajectory
 
 INITIAL = (
     "-= Welcome to TextWorld, ALFRED! =-\n\n"
@@ -46,20 +47,9 @@ STEPS = [
 
 def make_traj(task_id="clean/trial_0", success=True, n=0, steps=STEPS, task_type="pick_clean_then_place_in_recep"):
     assert task_type in TASK_TYPES
-    return Trajectory(
-        episode_id=f"{task_id}#r0a{n}",
-        task_id=task_id,
-        game=f"data/games/json_2.1.1/train/{task_id}/game.tw-pddl",
-        task_type=task_type,
-        task="put a clean mug in cabinet",
-        source="explored" if any(s.explored for s in steps) else "policy",
-        initial_observation=INITIAL,
-        steps=list(steps),
-        reward=float(success),
-        success=success,
-        terminal_reason="won" if success else "step_limit",
-        model="tiny-mistral",
-    )
+    return make_trajectory(task_id, success, attempt=n, task_type=task_type, task="put a clean mug in cabinet",
+                           source="explored" if any(s.explored for s in steps) else "policy",
+                           initial_observation=INITIAL, steps=list(steps))
 
 
 @pytest.fixture(scope="module")

@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from a3t.filter import filter_trajectories, reward_of, task_baselines, trajectory_weight
-from a3t.envs.alfworld_gen import TASK_TYPES
 from a3t.train import weighted_nll
-from a3t.trajectory import StepRecord, Trajectory
+from a3t.trajectory import Trajectory
+from factories import make_trajectory
 
 LN2, LN3 = math.log(2), math.log(3)
 
@@ -138,20 +138,7 @@ def test_padding_weights_do_not_matter():
 
 
 def traj(task_id: str, success: bool, reward: float | None = None, n: int = 0) -> Trajectory:
-    return Trajectory(
-        episode_id=f"{task_id}-{n}",
-        task_id=task_id,
-        game=f"games/{task_id}/game.tw-pddl",
-        task_type=TASK_TYPES[0],
-        task="put some mug in cabinet",
-        source="policy",
-        initial_observation="You are in the middle of a room.\n\nYour task is to: put some mug in cabinet.",
-        steps=[StepRecord(thought="I look.", action="look", observation="Nothing happens.")],
-        reward=float(success) if reward is None else reward,
-        success=success,
-        terminal_reason="won" if success else "step_limit",
-        model="tiny",
-    )
+    return make_trajectory(task_id, success, attempt=n, **({} if reward is None else {"reward": reward}))
 
 
 def weights_of(trajectories, variant):

@@ -15,18 +15,14 @@ from a3t.pipeline import (
 )
 from a3t.evaluate import SplitRates, success_rates
 from a3t.stats import wilson_interval
-from a3t.trajectory import StepRecord, Trajectory, TrajectoryStore
+from a3t.trajectory import StepRecord, TrajectoryStore
+from factories import make_trajectory
 
 STEP = StepRecord(thought="I go.", action="go to desk 1", observation="You arrive at desk 1.")
 
 
 def traj(task_id, success, round_=0, attempt=0, source="policy", task_type="pick_and_place_simple"):
-    return Trajectory(
-        episode_id=f"r{round_}/{task_id}#a{attempt}", task_id=task_id, game=f"g/{task_id}", task_type=task_type,
-        task="put a mug in desk", round=round_, attempt=attempt, source=source, initial_observation="You are here.",
-        steps=[STEP], reward=float(success), success=success, terminal_reason="won" if success else "step_limit",
-        model="m",
-    )
+    return make_trajectory(task_id, success, attempt, round_, source=source, task_type=task_type, steps=[STEP])
 
 
 def test_spread_over_task_types_takes_each_type_in_turn():

@@ -23,6 +23,7 @@ from a3t.envs.alfworld import GameFileError, find_games, load_game  # noqa: E402
 from a3t.llm.base import Completion, Sampling, stop_after_action_line, stop_after_first_line  # noqa: E402
 from a3t.rollout import Task, _Scheduler, rollout, task_for  # noqa: E402
 from a3t.trajectory import Trajectory, TrajectoryStore  # noqa: E402
+from factories import make_trajectory  # noqa: E402
 
 LOOK = "Thought: I look around.\nAction: look"
 INVALID = "Thought: I try something.\nAction: jump around"
@@ -215,10 +216,7 @@ def _plan(cfg, outcomes, stored=(), round_=0, tmp_path=None):
 
 
 def _record(task_id, attempt, success, round_=0):
-    return Trajectory(episode_id=f"r{round_}/{task_id}#a{attempt}", task_id=task_id, game="g", task_type="x", task="x",
-                      round=round_, attempt=attempt, source="policy", initial_observation="o", steps=[],
-                      reward=float(success), success=success, terminal_reason="won" if success else "step_limit",
-                      model="m")
+    return make_trajectory(task_id, success, attempt, round_, steps=[])
 
 
 @pytest.mark.parametrize(

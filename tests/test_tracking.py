@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from a3t.trajectory import StepRecord, Trajectory, TrajectoryStore
+from a3t.trajectory import Trajectory, TrajectoryStore
 from a3t.orchestration import tracking
+from factories import make_trajectory
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = {
@@ -57,12 +58,7 @@ def fake_adapter(folder: Path, content: bytes = b"weights") -> Path:
 
 
 def trajectory(i: int, success: bool, source: str = "policy") -> Trajectory:
-    return Trajectory(
-        episode_id=f"ep{i}", task_id=f"task{i % 3}", game=f"g{i}/game.tw-pddl", task_type="pick_and_place_simple",
-        task="put a apple in fridge.", source=source, initial_observation="You are in a room.",
-        steps=[StepRecord(thought="I look.", action="look", observation="Nothing happens.")],
-        reward=float(success), success=success, terminal_reason="won" if success else "step_limit", model="tiny",
-    )  # fmt: skip
+    return make_trajectory(f"task{i % 3}", success, episode_id=f"ep{i}", source=source)
 
 
 def round_runs(workspace, campaign="c1") -> list:

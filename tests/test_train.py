@@ -17,6 +17,7 @@ from a3t.config import TrainConfig  # noqa: E402
 from a3t.data import Example, build_examples  # noqa: E402
 from a3t.train import ADAPTER_FILE, A3TTrainer, Collator, ExampleDataset, average_adapters, train_adapter  # noqa: E402
 from a3t.trajectory import StepRecord, Trajectory  # noqa: E402
+from factories import make_trajectory  # noqa: E402
 
 INITIAL = (
     "You are in the middle of a room. Looking quickly around you, you see a cabinet 1, a countertop 1, "
@@ -33,12 +34,8 @@ STEPS = [
 
 
 def traj(task_id: str, success: bool, n: int, steps: int = 2) -> Trajectory:
-    return Trajectory(
-        episode_id=f"{task_id}-{n}", task_id=task_id, game=f"games/{task_id}/game.tw-pddl",
-        task_type="pick_clean_then_place_in_recep", task="put a clean mug in cabinet", source="policy",
-        initial_observation=INITIAL, steps=STEPS[:steps], reward=float(success), success=success,
-        terminal_reason="won" if success else "step_limit", model="tiny",
-    )
+    return make_trajectory(task_id, success, attempt=n, task_type="pick_clean_then_place_in_recep",
+                           task="put a clean mug in cabinet", initial_observation=INITIAL, steps=STEPS[:steps])
 
 
 def lora_model(model_dir, load_in_4bit: bool, seed: int = 0):

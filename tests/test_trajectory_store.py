@@ -7,19 +7,13 @@ import json
 
 import pytest
 
-from a3t.trajectory import StepRecord, Trajectory, TrajectoryFileError, TrajectoryStore
+from a3t.trajectory import Trajectory, TrajectoryFileError, TrajectoryStore
+from factories import make_trajectory
 
 
 def _t(i: int, **kw) -> Trajectory:
-    base = dict(
-        episode_id=f"r0/train/task/trial_{i}#a0", task_id=f"train/task/trial_{i}", game=f"/g/{i}/game.tw-pddl",
-        task_type="pick_and_place_simple", task="put a pen in desk", source="policy",
-        initial_observation="You are in a room.\n\nYour task is to: put a pen in desk.",
-        steps=[StepRecord(thought="t", action="look", observation="You see nothing.")],
-        reward=0.0, success=False, terminal_reason="step_limit", model="tiny",
-        timings={"wall": 1.0, "llm": 0.5, "env": 0.1}, tokens={"prompt": 10, "completion": 5},
-    )
-    return Trajectory(**(base | kw))
+    return make_trajectory(f"train/task/trial_{i}", **({"timings": {"wall": 1.0, "llm": 0.5, "env": 0.1},
+                                                        "tokens": {"prompt": 10, "completion": 5}} | kw))
 
 
 def _store_with(tmp_path, n=3) -> TrajectoryStore:

@@ -32,6 +32,7 @@ from a3t.pipeline import Workspace, train_tasks, webshop_tasks  # noqa: E402
 from a3t.rollout import Task, rollout  # noqa: E402
 from a3t.trajectory import Trajectory, TrajectoryStore  # noqa: E402
 from test_webshop_server import server, site  # noqa: E402,F401  (a WebShop-shaped HTTP server on 127.0.0.1)
+from factories import make_trajectory  # noqa: E402
 
 SMOKE = load_config(profile="smoke", overrides=["env.name=webshop"])
 
@@ -264,10 +265,9 @@ def _webshop_trajectory(reward: float, attempt: int = 0, task_id: str = "train/0
 
     steps = [StepRecord(thought=th, action=a, observation=o, explored=(i == 1)) for i, (th, a, o) in
              enumerate(example.steps)]
-    return Trajectory(episode_id=f"r0/{task_id}#a{attempt}", env="webshop", task_id=task_id, task_type="fashion",
-                      task="i'm looking for a jacket", attempt=attempt, source="explored", initial_observation=example.observation,
-                      steps=steps, reward=reward, success=reward >= 1.0,
-                      terminal_reason="won" if reward >= 1.0 else "purchased", model="m")
+    return make_trajectory(task_id, reward >= 1.0, attempt, env="webshop", game="", task_type="fashion",
+                           task="i'm looking for a jacket", source="explored", initial_observation=example.observation,
+                           steps=steps, reward=reward, terminal_reason="won" if reward >= 1.0 else "purchased")
 
 
 def test_a_webshop_trajectory_renders_with_the_webshop_prompt(tiny_model_dir):

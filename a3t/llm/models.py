@@ -269,7 +269,6 @@ def load_model(
     are left trainable, and 4-bit layers skip a CPU inference-only weight layout (below).
     The tokenizer pads on the left (batched generation) and always has a pad token.
     Returns ``(model, tokenizer)`` with the model in eval mode."""
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = Path(path).expanduser()
