@@ -12,6 +12,8 @@ from typing import Any, Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from a3t.envs.spec import ENV_NAMES, env_spec
+
 
 class ConfigError(ValueError):
     """A config file or override that cannot be used; the message names the key."""
@@ -48,12 +50,6 @@ class GamesConfig(_Section):
 
 
 EnvName = Literal["alfworld", "webshop"]
-# Step limits of an episode. ReAct and A3T give ALFWorld 50 steps (the paper profiles set it); the
-# CPU default gives 12, enough for generated small games (<= 10 steps by plan) and within the
-# 15-minute budget of `a3t run`. ReAct's WebShop harness gives 15.
-DEFAULT_MAX_STEPS: dict[str, int] = {"alfworld": 12, "webshop": 15}
-# The splits each environment is evaluated on (WebShop's results are reported on its test goals).
-EVAL_SPLITS: dict[str, list[str]] = {"alfworld": ["valid_seen", "valid_unseen"], "webshop": ["test"]}
 
 
 class EnvConfig(_Section):
@@ -77,7 +73,8 @@ class EnvConfig(_Section):
     def _default_max_steps(cls, data: Any) -> Any:
         # Resolved here, so every reader sees the number that applies.
         if isinstance(data, dict) and data.get("max_steps") is None:
-            data = dict(data, max_steps=DEFAULT_MAX_STEPS.get(data.get("name", "alfworld"), 50))
+            name = data.get("name", "alfworld")
+            data = dict(data, max_steps=env_spec(name).default_max_steps if name in ENV_NAMES else 50)
         return data
 
 
@@ -324,16 +321,14 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _fit_the_environment(self) -> Config:
-        env = self.env.name
+        spec = env_spec(self.env.name)
         if self.eval.splits is None:
-            self.eval.splits = list(EVAL_SPLITS[env])
-        wrong = [s for s in self.eval.splits if s not in EVAL_SPLITS[env]]
+            self.eval.splits = list(spec.eval_splits)
+        wrong = [s for s in self.eval.splits if s not in spec.eval_splits]
         if wrong:
-            raise ValueError(f"eval.splits: {', '.join(wrong)} is not a split of {env} "
-                             f"(its splits: {', '.join(EVAL_SPLITS[env])})")
-        if env == "webshop" and self.webshop.server_url and self.pipeline.annotate_walkthroughs:
-            raise ValueError("pipeline.annotate_walkthroughs: a WebShop server keeps its goals to itself, so there "
-                             "is no oracle walkthrough to annotate; set pipeline.annotate_walkthroughs=0")
+            raise ValueError(f"eval.splits: {', '.join(wrong)} is not a split of {spec.name} "
+                             f"(its splits: {', '.join(spec.eval_splits)})")
+        spec.check(self)
         return self
 
 

@@ -5,7 +5,7 @@ exploration, then up to ``eval.attempts - 1`` sampled retries of each failed tas
 its first success. The result (``SplitRates``) is the first-attempt success and the success
 within k attempts, overall and per task type, each with its 95% Wilson interval, and WebShop's
 score. The champion is the round with the best first-attempt success on the held-out split
-(``HELD_OUT_SPLIT``): the binarized objective A3T trains for.
+(``held_out_split`` of a3t.envs.spec): the binarized objective A3T trains for.
 """
 
 from __future__ import annotations
@@ -17,16 +17,13 @@ from typing import TYPE_CHECKING
 from pydantic import BaseModel
 
 from a3t.config import Config
+from a3t.envs.spec import env_spec
 from a3t.progress import rollout_bar
 from a3t.stats import wilson_interval
 from a3t.trajectory import Trajectory, TrajectoryStore
 
 if TYPE_CHECKING:
     from a3t.pipeline import Workspace
-
-# The held-out split whose first-attempt success rate picks the champion adapter.
-HELD_OUT_SPLIT: dict[str, str] = {"alfworld": "valid_unseen", "webshop": "test"}
-
 
 class Rates(BaseModel):
     tasks: int  # tasks played
@@ -80,15 +77,10 @@ def evaluate_policy(
 ) -> SplitRates:
     """The policy (base model + ``adapter``) on a split's games (WebShop: goals; ``games_root`` is
     ALFWorld's). Episodes go to ``store_path``; a rerun resumes from it."""
-    from a3t.envs.alfworld import find_games
-    from a3t.pipeline import load_agents, shows_example, spread_over_task_types, webshop_tasks
-    from a3t.rollout import rollout, task_for
+    from a3t.pipeline import load_agents, shows_example
+    from a3t.rollout import rollout
 
-    if cfg.env.name == "webshop":
-        tasks = webshop_tasks(cfg.webshop, split, cfg.eval.tasks)
-    else:
-        # Sorted games are grouped by task type: the first N would all be of one type.
-        tasks = [task_for(g) for g in spread_over_task_types(find_games(games_root, split), cfg.eval.tasks)]
+    tasks = env_spec(cfg.env.name).tasks(cfg, games_root, split, cfg.eval.tasks)
     store = TrajectoryStore(store_path)
     policy, annotator = load_agents(cfg, adapter=adapter)
     plain = {"p_explore": 0.0, "forced_explore_after_invalid": 10**9, "retry_min": 0, "stop_at_first_success": True}
@@ -114,7 +106,7 @@ def evaluate_round(cfg: Config, ws: Workspace, round_: int, split: str) -> Split
 
 def held_out_score(env_name: str, rates_by_split: dict[str, dict]) -> tuple[str, float]:
     """The held-out split of an environment and the first-attempt success on it (0 if not evaluated)."""
-    split = HELD_OUT_SPLIT[env_name]
+    split = env_spec(env_name).held_out_split
     return split, rates_by_split.get(split, {}).get("success", 0.0)
 
 

@@ -22,12 +22,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from a3t.config import Config, WebShopConfig
+from a3t.config import Config
 from a3t.progress import rollout_bar
 from a3t.trajectory import Trajectory, TrajectoryStore
 
@@ -119,51 +118,15 @@ def load_agents(cfg: Config, adapter: str | Path | None = None, need_policy: boo
     return (policy if need_policy else None), annotator
 
 
-def spread_over_task_types(games: list[Path], n: int | None) -> list[Path]:
-    """The first n games taking each task type in turn (games are sorted by task folder,
-    whose name starts with the task type), so a small n still covers every type."""
-    by_type: dict[str, list[Path]] = defaultdict(list)
-    for game in games:
-        by_type[game.parent.parent.name.split("-")[0]].append(game)
-    queues = [list(q) for _, q in sorted(by_type.items())]
-    picked = []
-    while queues and (n is None or len(picked) < n):
-        queues = [q for q in queues if q]
-        for q in queues:
-            if n is not None and len(picked) >= n:
-                break
-            picked.append(q.pop(0))
-    return picked
-
-
-
-
-def webshop_tasks(shop: WebShopConfig, split: str, limit: int | None = None) -> list[Task]:
-    """The first ``limit`` goals of a WebShop split: the local shop's (<split>/<index>), or the
-    WebShop server's sessions (fixed_<index>) when ``shop.server_url`` is set."""
-    from a3t.envs import shop_site
-    from a3t.envs.webshop_server import server_task_ids
-    from a3t.rollout import Task
-
-    try:
-        ids = server_task_ids(split, limit) if shop.server_url else shop_site(shop).catalog.task_ids(split)[:limit]
-    except KeyError as e:  # an unknown split: the message names the splits there are
-        raise ValueError(e.args[0]) from None
-    return [Task(task_id, None, shop=shop) for task_id in ids]
-
-
 def train_tasks(cfg: Config, ws: Workspace) -> list[Task]:
     """The train tasks a round plays: ``pipeline.train_tasks`` train games (spread over task types)
     or WebShop train goals, those after the ones whose walkthroughs round 0 annotates (their
     successes are in the data already: playing them again would teach little new)."""
-    from a3t.envs.alfworld import find_games
-    from a3t.rollout import task_for
+    from a3t.envs.spec import env_spec
 
     first, n = cfg.pipeline.annotate_walkthroughs, cfg.pipeline.train_tasks
     end = None if n is None else first + n
-    if cfg.env.name == "webshop":
-        return webshop_tasks(cfg.webshop, "train", end)[first:]
-    return [task_for(g) for g in spread_over_task_types(find_games(ws.path(cfg.games.root), "train"), end)[first:]]
+    return env_spec(cfg.env.name).tasks(cfg, ws.path(cfg.games.root), "train", end)[first:]
 
 
 def eval_games_root(cfg: Config, ws: Workspace) -> Path:
@@ -181,24 +144,24 @@ def annotate_walkthroughs(cfg: Config, ws: Workspace, round_: int) -> dict:
     """ActRe writes the thoughts of the planner walkthroughs of the first
     ``pipeline.annotate_walkthroughs`` train games (spread over task types), or of an oracle's
     walkthroughs of as many WebShop train goals."""
-    from a3t.annotate import walkthrough_tasks, webshop_walkthrough_tasks
-    from a3t.envs.alfworld import find_games
+    from a3t.envs.spec import env_spec
+
+    tasks = env_spec(cfg.env.name).walkthroughs(cfg, ws.path(cfg.games.root), "train", cfg.pipeline.annotate_walkthroughs)
+    store = TrajectoryStore(ws.round_data(round_) / "annotated.jsonl")
+    return _stats(annotate(cfg, tasks, store, round_, f"round {round_}: annotate walkthroughs"), store)
+
+
+def annotate(cfg: Config, tasks: list[Task], store: TrajectoryStore, round_: int, label: str = "annotate"):
+    """Play each task's scripted actions once and write their thoughts: the plan's reasons
+    (``pipeline.walkthrough_reasons=plan``) or ActRe's. Returns the rollout statistics."""
     from a3t.rollout import rollout
 
-    n = cfg.pipeline.annotate_walkthroughs
-    if cfg.env.name == "webshop":
-        tasks = webshop_walkthrough_tasks(cfg.webshop, [t.task_id for t in webshop_tasks(cfg.webshop, "train", n)])
-    else:
-        tasks = walkthrough_tasks(spread_over_task_types(find_games(ws.path(cfg.games.root), "train"), n),
-                                  cfg.env.phrasing, cfg.pipeline.walkthrough_detours, cfg.env.max_steps, cfg.rollout.seed)
-    store = TrajectoryStore(ws.round_data(round_) / "annotated.jsonl")
     _, annotator = load_agents(cfg, need_policy=False)
     if cfg.pipeline.walkthrough_reasons == "plan":
         annotator.tries = 0  # every thought is the plan's reason (ActRe's fallback): no LLM call
     once = cfg.rollout.model_copy(update={"retry_max": 0})  # a script is played once
-    with rollout_bar(f"round {round_}: annotate walkthroughs", len(tasks)) as show:
-        stats = rollout(tasks, store, None, annotator, once, cfg.env, round_=round_, on_progress=show)
-    return _stats(stats, store)
+    with rollout_bar(label, len(tasks)) as show:
+        return rollout(tasks, store, None, annotator, once, cfg.env, round_=round_, on_progress=show)
 
 
 def play_train_games(cfg: Config, ws: Workspace, round_: int, shard: int = 0, retries: bool = False) -> dict:

@@ -37,7 +37,8 @@ from a3t.envs import usable_actions
 from a3t.envs.alfworld import AlfWorldEnv, find_games
 from a3t.envs.alfworld_gen import game_jobs, generate_games
 from a3t.evaluate import SplitRates, evaluate_policy
-from a3t.pipeline import Workspace, eval_games_root, policy_adapter, spread_over_task_types
+from a3t.envs.spec import spread_over_task_types
+from a3t.pipeline import Workspace, eval_games_root, policy_adapter
 from a3t.stats import wilson_interval
 
 OTHER_SEED = 1

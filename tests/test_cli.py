@@ -133,3 +133,25 @@ def test_campaign_table_shows_intervals_and_games_per_split_and_round(tmp_path, 
     assert "25.0% [12.0–44.9]" in text and "50.0% [31.4–68.6]" in text  # round 1, valid_seen
     assert "100.0% [86.2–100.0]" in text  # round 1, valid_unseen within 4
     assert "12.5% [2.2–47.1]" in text  # round 0: its interval computed from the rate, 1 of 8
+
+
+def test_annotate_and_rollout_commands_run_the_pipelines_steps(games_root, tmp_path):
+    """`a3t annotate` and `a3t rollout` take their tasks where the pipeline does (a3t.envs.spec:
+    games spread over task types, walkthroughs with detours) and write trajectory files."""
+    from a3t.trajectory import TrajectoryStore
+
+    common = ["--profile", "smoke", f"games.root={games_root}"]
+    annotated = tmp_path / "annotated.jsonl"
+    result = runner.invoke(app, ["annotate", "--count", "2", "--out", str(annotated), *common,
+                                 "pipeline.walkthrough_reasons=plan", "pipeline.walkthrough_detours=1"])
+    assert result.exit_code == 0, result.output
+    records = list(TrajectoryStore(annotated).read())
+    assert len(records) == 2 and all(t.success and t.source == "annotated" for t in records)
+    assert len({t.task_type for t in records}) == 2  # two task types, not the first two games of one
+    played = tmp_path / "played.jsonl"
+    result = runner.invoke(app, ["rollout", "--split", "valid_unseen", "--limit", "1", "--out", str(played), *common,
+                                 "rollout.retry_max=0"])
+    assert result.exit_code == 0, result.output
+    assert len(list(TrajectoryStore(played).read())) == 1
+    result = runner.invoke(app, ["rollout", "--split", "nope", "--out", str(played), *common])
+    assert result.exit_code == 1

@@ -11,8 +11,8 @@ from a3t.pipeline import (
     build_training_set,
     eval_games_root,
     remove_rounds_after,
-    spread_over_task_types,
 )
+from a3t.envs.spec import spread_over_task_types
 from a3t.evaluate import SplitRates, success_rates
 from a3t.stats import wilson_interval
 from a3t.trajectory import StepRecord, TrajectoryStore

@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.table import Column, Table
 
 from a3t.config import Config, ConfigError, load_config
+from a3t.envs.spec import env_spec
 from a3t.stats import wilson_interval
 
 app = typer.Typer(help="a3t: a language agent that improves itself from its own trajectories (A3T).", no_args_is_help=True)
@@ -175,21 +176,18 @@ def rollout_command(
 ) -> None:
     """Play the games (WebShop: goals) of a split with the policy, with A3T exploration and retries of failed
     tasks."""
-    from a3t.envs.alfworld import find_games
-    from a3t.pipeline import load_agents, shows_example, webshop_tasks
+    from a3t.envs.alfworld import GameFileError
+    from a3t.pipeline import load_agents, shows_example
     from a3t.progress import rollout_bar
-    from a3t.rollout import rollout, task_for
+    from a3t.rollout import rollout
     from a3t.trajectory import TrajectoryStore
 
     cfg = _config(config, overrides or [], profile)
-    if cfg.env.name == "webshop":
-        try:
-            tasks = webshop_tasks(cfg.webshop, split, limit)
-        except ValueError as e:
-            console.print(f"[red]{e}[/red]")
-            raise typer.Exit(1) from None
-    else:
-        tasks = [task_for(g) for g in find_games(cfg.games.root, split)][:limit]
+    try:
+        tasks = env_spec(cfg.env.name).tasks(cfg, Path(cfg.games.root), split, limit)
+    except (GameFileError, ValueError, FileNotFoundError) as e:
+        console.print(f"[red]{e}[/red]")
+        raise typer.Exit(1) from None
     policy, annotator = load_agents(cfg)
     store = TrajectoryStore(out)
     with rollout_bar(f"rollout {split}", len(tasks)) as show:
@@ -217,33 +215,25 @@ def annotate_command(
 ) -> None:
     """Turn action sequences (planner or WebShop oracle walkthroughs, or recorded episodes) into ReAct trajectories
     with ActRe."""
-    from a3t.annotate import recorded_tasks, walkthrough_tasks, webshop_walkthrough_tasks
-    from a3t.envs.alfworld import GameFileError, find_games
-    from a3t.pipeline import load_agents, webshop_tasks
-    from a3t.progress import rollout_bar
-    from a3t.rollout import rollout
+    from a3t.annotate import recorded_tasks
+    from a3t.envs.alfworld import GameFileError
+    from a3t.pipeline import annotate
     from a3t.trajectory import TrajectoryStore
 
     cfg = _config(config, overrides or [], profile)
     try:
-        if cfg.env.name == "webshop":
-            if episodes is not None:
+        if episodes is not None:
+            if not env_spec(cfg.env.name).has_games:
                 raise ValueError("--episodes: recorded episodes are of ALFWorld games; for WebShop, a3t annotates "
                                  "its oracle's walkthroughs")
-            goals = [t.task_id for t in webshop_tasks(cfg.webshop, split, count)]
-            tasks = webshop_walkthrough_tasks(cfg.webshop, goals)
-        elif episodes is not None:
             tasks = recorded_tasks(episodes, cfg.env.phrasing)
         else:
-            tasks = walkthrough_tasks(find_games(cfg.games.root, split)[:count], cfg.env.phrasing)
+            tasks = env_spec(cfg.env.name).walkthroughs(cfg, Path(cfg.games.root), split, count)
     except (GameFileError, ValueError, FileNotFoundError) as e:
         console.print(f"[red]{e}[/red]")
         raise typer.Exit(1) from None
-    _, annotator = load_agents(cfg, need_policy=False)
-    cfg.rollout.retry_max = 0  # a script is played once
     store = TrajectoryStore(out)
-    with rollout_bar("annotate", len(tasks)) as show:
-        stats = rollout(tasks, store, None, annotator, cfg.rollout, cfg.env, round_=round_, on_progress=show)
+    stats = annotate(cfg, tasks, store, round_)
     _rollout_table(stats, store)
     if stats.successes < stats.episodes:
         console.print(f"[yellow]{stats.episodes - stats.successes} annotated episodes did not win when replayed[/yellow]")
@@ -459,7 +449,7 @@ def _report_campaign(cfg: Config, wall_s: float | None) -> None:
     ws = Workspace.of(cfg)
     rounds = ws.finished_rounds()
     # WebShop's results are read as score and success rate (the paper's table).
-    scored = cfg.env.name == "webshop"
+    scored = env_spec(cfg.env.name).scored
     table = Table("round", "collected\npol/expl/ann", "train\nloss",
                   # Unwrapped: a rate apart from its interval reads as two numbers.
                   *[Column(f"{split}\ngames\n1st [95% CI]\n≤{cfg.eval.attempts} [95% CI]", no_wrap=True)

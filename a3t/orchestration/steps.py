@@ -17,6 +17,7 @@ from prefect.cache_policies import NO_CACHE
 from a3t import evaluate as evaluation
 from a3t import pipeline, versioning
 from a3t.config import Config
+from a3t.envs.spec import env_spec
 from a3t.pipeline import Workspace
 from a3t.orchestration import tracking
 
@@ -43,11 +44,7 @@ def versioned_paths(cfg: Config, ws: Workspace) -> list[Path]:
     """The trajectories, and ALFWorld's games when they live in the workspace (not $ALFWORLD_DATA).
     WebShop's shop is not versioned: the generated one is rebuilt from its settings (logged with
     the config), WebShop's own files and server are the user's."""
-    if cfg.env.name == "webshop":
-        return [ws.trajectories]
-    games = ws.path(cfg.games.root)
-    inside = games.resolve().is_relative_to(ws.root.resolve())
-    return [games, ws.trajectories] if inside else [ws.trajectories]
+    return env_spec(cfg.env.name).versioned_paths(cfg, ws.root, ws.trajectories)
 
 
 @step(name="generate games")

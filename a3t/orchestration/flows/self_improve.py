@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from prefect import flow
 from prefect.futures import wait
 
+from a3t.envs.spec import env_spec
 from a3t.config import Config, PipelineConfig, load_config
 from a3t.pipeline import STAGES, Workspace
 from a3t.versioning import WorkspaceError, workspace_lock
@@ -34,7 +35,7 @@ def self_improve(
     ws = Workspace.of(cfg, workspace)
     with workspace_lock(ws.root):
         steps.prepare_workspace(cfg, workspace)
-        if cfg.env.name == "alfworld":  # WebShop's shop is built in process, from its settings
+        if env_spec(cfg.env.name).has_games:  # WebShop's shop is built in process, from its settings
             steps.generate_games(cfg, workspace)
         first = ws.next_round()
         last = cfg.pipeline.rounds if more_rounds is None else first + more_rounds
@@ -63,7 +64,7 @@ def one_round(
         if k > ws.next_round():
             raise WorkspaceError(f"round {k} needs round {ws.next_round()} finished first (campaign {ws.campaign})")
         steps.prepare_workspace(cfg, workspace)
-        if cfg.env.name == "alfworld":
+        if env_spec(cfg.env.name).has_games:
             steps.generate_games(cfg, workspace)
         return run_round(cfg, workspace, k)
 
