@@ -13,9 +13,10 @@ import re
 from pathlib import Path
 
 from a3t.config import WebShopConfig
-from a3t.envs.alfworld import AlfWorldEnv, GameFileError, Phrasing, convert_action, load_game
+from a3t.envs.alfworld import AlfWorldEnv, GameFileError, convert_action, load_game
+from a3t.envs.base import Phrasing, Task
 from a3t.envs.alfworld_reasons import parse_goal
-from a3t.rollout import Task, task_for
+from a3t.rollout import task_for
 
 
 def walkthrough_tasks(games: list[Path], phrasing: Phrasing, search_detours: int = 0, max_steps: int = 50,

@@ -14,9 +14,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from a3t.agent.examples import PageFormat
 from a3t.agent.react import react_chat
-from a3t.envs.alfworld import Phrasing
+from a3t.envs.base import PageFormat, Phrasing
 from a3t.filter import LossVariant, filter_trajectories
 from a3t.trajectory import Trajectory, TrajectoryStore
 

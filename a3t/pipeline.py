@@ -31,7 +31,7 @@ from a3t.progress import rollout_bar
 from a3t.trajectory import Trajectory, TrajectoryStore
 
 if TYPE_CHECKING:
-    from a3t.rollout import Task
+    from a3t.envs.base import Task
 
 TRAIN_SET = "train_set.jsonl"
 # A round's stages in the order they run; the flow records each one's wall time (MLflow: time/<stage>_s).

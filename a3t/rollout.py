@@ -30,24 +30,15 @@ from pathlib import Path
 from typing import Literal
 
 from a3t.agent.actre import ActReAnnotator, ActReRequest
-from a3t.agent.examples import PageFormat
 from a3t.agent.react import format_turn, parse_turn, react_chat
-from a3t.config import EnvConfig, RolloutConfig, WebShopConfig
+from a3t.config import EnvConfig, RolloutConfig
 from a3t.envs import action_choices, explore_action, make_env, usable_actions
-from a3t.envs.base import Reset, TerminalReason, TextEnv
+from a3t.envs.base import PageFormat, Reset, Task, TerminalReason, TextEnv
 from a3t.llm.base import LLM, Chat, Sampling, stop_after_action_line, stop_after_thought
 from a3t.trajectory import StepRecord, Trajectory, TrajectoryStore
 
 log = logging.getLogger("a3t.rollout")
 ActionMode = Literal["free", "constrained"]
-
-
-@dataclass(frozen=True)
-class Task:
-    task_id: str  # ALFWorld: the game relative to its data root, e.g. train/<task>/<trial>; WebShop: the goal
-    game: Path | None  # ALFWorld: the game file; None for WebShop
-    script: tuple[str, ...] | None = None  # actions to annotate instead of asking the policy
-    shop: WebShopConfig | None = None  # WebShop: the shop the goal is on (local or a server); None for ALFWorld
 
 
 def task_for(game: Path) -> Task:

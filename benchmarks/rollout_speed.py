@@ -65,7 +65,8 @@ from a3t.envs.alfworld_gen import game_jobs, generate_games
 from a3t.llm.base import stop_after_action_line
 from a3t.llm.models import default_model_path, load_model
 from a3t.llm.transformers_llm import DRAFT_TOKENS, TransformersLLM, _Batch
-from a3t.rollout import Task, rollout
+from a3t.envs.base import Task
+from a3t.rollout import rollout
 from a3t.trajectory import StepRecord, TrajectoryStore
 
 console = Console(stderr=True)  # progress and tables on stderr; stdout ends with the JSON

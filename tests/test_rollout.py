@@ -21,7 +21,8 @@ from a3t.annotate import recorded_tasks, walkthrough_tasks  # noqa: E402
 from a3t.config import EnvConfig, RolloutConfig  # noqa: E402
 from a3t.envs.alfworld import GameFileError, find_games, load_game  # noqa: E402
 from a3t.llm.base import Completion, Sampling, stop_after_action_line, stop_after_first_line  # noqa: E402
-from a3t.rollout import Task, _Scheduler, rollout, task_for  # noqa: E402
+from a3t.envs.base import Task  # noqa: E402
+from a3t.rollout import _Scheduler, rollout, task_for  # noqa: E402
 from a3t.trajectory import Trajectory, TrajectoryStore  # noqa: E402
 from factories import make_trajectory  # noqa: E402
 

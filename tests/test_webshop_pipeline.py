@@ -30,7 +30,8 @@ from a3t.llm.base import Completion  # noqa: E402
 from a3t.evaluate import success_rates  # noqa: E402
 from a3t.envs.spec import webshop_tasks  # noqa: E402
 from a3t.pipeline import Workspace, train_tasks  # noqa: E402
-from a3t.rollout import Task, rollout  # noqa: E402
+from a3t.envs.base import Task  # noqa: E402
+from a3t.rollout import rollout  # noqa: E402
 from a3t.trajectory import Trajectory, TrajectoryStore  # noqa: E402
 from test_webshop_server import server, site  # noqa: E402,F401  (a WebShop-shaped HTTP server on 127.0.0.1)
 from factories import make_trajectory  # noqa: E402

@@ -13,12 +13,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from typing import Literal
-
-from a3t.envs.alfworld import Phrasing, convert_action
+from a3t.envs.alfworld import convert_action
 from a3t.envs.alfworld_reasons import plan_reason
+from a3t.envs.base import PageFormat, Phrasing
 
-PageFormat = Literal["sep", "react"]  # WebShop's observation formats (a3t.envs.webshop.ObservationFormat)
 
 
 @dataclass(frozen=True)

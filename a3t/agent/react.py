@@ -11,8 +11,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from a3t.agent.examples import Example, PageFormat, example_for, webshop_example
-from a3t.envs.alfworld import Phrasing
+from a3t.agent.examples import Example, example_for, webshop_example
+from a3t.envs.base import PageFormat, Phrasing
 from a3t.llm.base import ACTION_LINE, Chat, label
 from a3t.trajectory import StepRecord
 

@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     from a3t.config import EnvConfig, WebShopConfig
     from a3t.envs.base import TextEnv
     from a3t.envs.webshop import WebShopSite
-    from a3t.rollout import Task
+    from a3t.envs.base import Task
 
 
 def shop_site(shop: WebShopConfig) -> WebShopSite:

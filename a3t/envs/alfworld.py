@@ -12,15 +12,13 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import textworld
 from alfworld.agents.environment.alfred_tw_env import AlfredDemangler, AlfredInfos
 from textworld.envs import PddlEnv
 
-from a3t.envs.base import Reset, Step, TerminalReason
+from a3t.envs.base import Phrasing, Reset, Step, TerminalReason
 
-Phrasing = Literal["put", "move"]
 
 # alfworld 0.4 says "move X to Y"; the ReAct-era games, prompts and the A3T paper's
 # trajectories say "put X in/on Y". The grammar is text, so a game can be switched to

@@ -7,7 +7,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
-from typing import Protocol
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal, Protocol
+
+if TYPE_CHECKING:
+    from a3t.config import WebShopConfig
+
+# ALFWorld: how the put-action reads: "put X in/on Y" (ReAct-era games) or "move X to Y" (alfworld >= 0.4).
+Phrasing = Literal["put", "move"]
+# WebShop: how a page reads: ReAct's harness ("react") or WebShop's text mode with [SEP] ("sep").
+PageFormat = Literal["sep", "react"]
 
 
 class TerminalReason(str, Enum):
@@ -15,6 +24,16 @@ class TerminalReason(str, Enum):
     STEP_LIMIT = "step_limit"
     PURCHASED = "purchased"  # WebShop: bought a product that is not a full match (0 <= reward < 1)
     NO_ACTION = "no_admissible_action"  # the state offered no action: the rollout ends the episode
+
+
+@dataclass(frozen=True)
+class Task:
+    """One task to play: an ALFWorld game or a WebShop goal."""
+
+    task_id: str  # ALFWorld: the game relative to its data root, e.g. train/<task>/<trial>; WebShop: the goal
+    game: Path | None  # ALFWorld: the game file; None for WebShop
+    script: tuple[str, ...] | None = None  # actions to annotate instead of asking the policy
+    shop: WebShopConfig | None = None  # WebShop: the shop the goal is on (local or a server); None for ALFWorld
 
 
 @dataclass(frozen=True)

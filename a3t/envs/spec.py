@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from a3t.config import Config, WebShopConfig
-    from a3t.rollout import Task
+    from a3t.envs.base import Task
 
 
 def spread_over_task_types(games: list[Path], n: int | None) -> list[Path]:
@@ -76,7 +76,7 @@ def webshop_tasks(shop: WebShopConfig, split: str, limit: int | None = None) -> 
     WebShop server's sessions (fixed_<index>) when ``shop.server_url`` is set."""
     from a3t.envs import shop_site
     from a3t.envs.webshop_server import server_task_ids
-    from a3t.rollout import Task
+    from a3t.envs.base import Task
 
     try:
         ids = server_task_ids(split, limit) if shop.server_url else shop_site(shop).catalog.task_ids(split)[:limit]

@@ -47,11 +47,11 @@ from typing import Literal
 import bm25s
 import numpy as np
 
-from a3t.envs.base import Reset, Step, TerminalReason
+from a3t.envs.base import PageFormat, Reset, Step, TerminalReason
 from a3t.envs.webshop_catalog import Catalog, Goal, Product, generate_catalog, load_webshop_catalog
 from a3t.envs.webshop_reward import RewardInfo, webshop_reward
 
-ObservationFormat = Literal["sep", "react"]
+ObservationFormat = PageFormat
 PageName = Literal["search", "results", "item", "Description", "Features", "Reviews", "done"]
 
 DEFAULT_MAX_STEPS = 15  # the ReAct WebShop harness
