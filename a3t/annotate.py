@@ -13,9 +13,9 @@ import re
 from pathlib import Path
 
 from a3t.config import WebShopConfig
-from a3t.envs.alfworld import AlfWorldEnv, GameFileError, convert_action, load_game
-from a3t.envs.base import Phrasing, Task
+from a3t.envs.alfworld import AlfWorldEnv, GameFileError, load_game
 from a3t.envs.alfworld_reasons import parse_goal
+from a3t.envs.base import Phrasing, Task, convert_action
 from a3t.rollout import task_for
 
 

@@ -50,6 +50,8 @@ class GamesConfig(_Section):
 
 
 EnvName = Literal["alfworld", "webshop"]
+# A campaign names a folder, git tags and MLflow runs: letters, digits, "_", "." and "-".
+CAMPAIGN_NAME = r"[A-Za-z0-9][A-Za-z0-9_.-]*"
 
 
 class EnvConfig(_Section):
@@ -261,7 +263,7 @@ class EvalConfig(_Section):
 class PipelineConfig(_Section):
     campaign: str = Field(
         "default",
-        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+        pattern=f"^{CAMPAIGN_NAME}$",
         description="Name of the campaign: its data folder, DVC tags and MLflow runs. Another name starts another.",
     )
     rounds: int = Field(2, ge=1, description="Rounds a campaign runs to (paper: 4, rounds 0-3).")

@@ -36,6 +36,8 @@ from typing import NamedTuple
 
 import yaml
 
+from a3t.config import CAMPAIGN_NAME
+
 # DVC sends usage analytics from a background process unless told not to: a3t works offline
 # and sends nothing anywhere (a user's own setting wins).
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
@@ -57,7 +59,7 @@ LOCK_INFO = ".a3t/run.json"  # who holds the lock, for the refusal message
 FALLBACK_IDENTITY = {"user.name": "a3t", "user.email": "a3t@localhost"}
 
 # Campaign names as config.PipelineConfig allows them, minus what git refuses in a ref name.
-_CAMPAIGN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+_CAMPAIGN = re.compile(CAMPAIGN_NAME)
 _TAG = re.compile(r"a3t/(?P<campaign>[^/]+)/round-(?P<round>\d+)")
 
 

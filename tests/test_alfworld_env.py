@@ -4,7 +4,8 @@ from pathlib import Path
 import pytest
 from alfworld.info import ALFRED_TWL2_PATH
 
-from a3t.envs.alfworld import AlfWorldEnv, GameFileError, convert_action, find_games, load_game, set_phrasing
+from a3t.envs.alfworld import AlfWorldEnv, GameFileError, find_games, load_game, set_phrasing
+from a3t.envs.base import convert_action
 from a3t.envs.alfworld_gen import TASK_TYPES
 from a3t.envs.base import TerminalReason
 

@@ -14,10 +14,10 @@ import re
 from dataclasses import dataclass, replace
 
 from a3t.agent.examples import example_for, webshop_example
-from a3t.envs.base import PageFormat, Phrasing
-from a3t.envs.alfworld_reasons import plan_reason
-from a3t.llm.base import LLM, Chat, Completion, Sampling, stop_after_first_line
 from a3t.agent.react import transcript
+from a3t.envs.alfworld_reasons import plan_reason
+from a3t.envs.base import PageFormat, Phrasing
+from a3t.llm.base import LLM, Chat, Completion, Sampling, stop_after_first_line
 from a3t.trajectory import StepRecord
 
 SYSTEM = """You explain the actions of an agent {setting}.

@@ -13,10 +13,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from a3t.envs.alfworld import convert_action
 from a3t.envs.alfworld_reasons import plan_reason
-from a3t.envs.base import PageFormat, Phrasing
-
+from a3t.envs.base import PageFormat, Phrasing, convert_action
 
 
 @dataclass(frozen=True)

@@ -17,8 +17,7 @@ import textworld
 from alfworld.agents.environment.alfred_tw_env import AlfredDemangler, AlfredInfos
 from textworld.envs import PddlEnv
 
-from a3t.envs.base import Phrasing, Reset, Step, TerminalReason
-
+from a3t.envs.base import Phrasing, Reset, Step, TerminalReason, convert_action
 
 # alfworld 0.4 says "move X to Y"; the ReAct-era games, prompts and the A3T paper's
 # trajectories say "put X in/on Y". The grammar is text, so a game can be switched to
@@ -48,13 +47,6 @@ def set_phrasing(grammar: str, phrasing: Phrasing) -> str:
     for move, put in _PHRASES:
         grammar = grammar.replace(put, move) if phrasing == "move" else grammar.replace(move, put)
     return grammar
-
-
-def convert_action(action: str, phrasing: Phrasing) -> str:
-    """Translate one command between "move X to Y" and "put X in/on Y"."""
-    if phrasing == "put":
-        return re.sub(r"^move (.+) to (.+)$", r"put \1 in/on \2", action)
-    return re.sub(r"^put (.+) in/on (.+)$", r"move \1 to \2", action)
 
 
 def load_game(path: str | Path, phrasing: Phrasing = "put") -> GameFile:

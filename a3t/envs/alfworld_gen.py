@@ -21,10 +21,14 @@ from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import alfworld.gen.constants as C
 import alfworld.gen.goal_library as goal_library
 from alfworld.info import ALFRED_PDDL_PATH, ALFRED_TWL2_PATH
+
+if TYPE_CHECKING:
+    from a3t.config import GamesConfig
 
 TASK_TYPES = (
     "pick_and_place_simple",
@@ -422,3 +426,17 @@ def generate_games(jobs: list[GameJob], workers: int = 1) -> Iterator[tuple[Game
         futures = {pool.submit(make_game, job): job for job in jobs}
         for future in as_completed(futures):
             yield (futures[future], *future.result())
+
+
+def generate_configured_games(games: GamesConfig, root: Path, label: str) -> dict[str, int]:
+    """The games the ``games`` settings ask for, under ``root`` (games that are there already are
+    kept), with a progress bar. Returns the number of games per split and how many were new."""
+    from a3t.progress import step_bar
+
+    jobs = game_jobs(root, games.counts(), games.seed, games.size, games.plan_timeout_s)
+    new = {split: 0 for split in games.counts()}
+    with step_bar(label, len(jobs)) as advance:
+        for job, _, written in generate_games(jobs, games.workers):
+            new[job.split] += written
+            advance()
+    return {"games": games.counts(), "new": new}

@@ -5,6 +5,7 @@ Scalar, not batched: one episode per object. Parallelism lives in the rollout en
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -17,6 +18,13 @@ if TYPE_CHECKING:
 Phrasing = Literal["put", "move"]
 # WebShop: how a page reads: ReAct's harness ("react") or WebShop's text mode with [SEP] ("sep").
 PageFormat = Literal["sep", "react"]
+
+
+def convert_action(action: str, phrasing: Phrasing) -> str:
+    """Translate one command between "move X to Y" and "put X in/on Y"."""
+    if phrasing == "put":
+        return re.sub(r"^move (.+) to (.+)$", r"put \1 in/on \2", action)
+    return re.sub(r"^put (.+) in/on (.+)$", r"move \1 to \2", action)
 
 
 class TerminalReason(str, Enum):

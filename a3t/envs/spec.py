@@ -75,8 +75,8 @@ def webshop_tasks(shop: WebShopConfig, split: str, limit: int | None = None) -> 
     """The first ``limit`` goals of a WebShop split: the local shop's (<split>/<index>), or the
     WebShop server's sessions (fixed_<index>) when ``shop.server_url`` is set."""
     from a3t.envs import shop_site
-    from a3t.envs.webshop_server import server_task_ids
     from a3t.envs.base import Task
+    from a3t.envs.webshop_server import server_task_ids
 
     try:
         ids = server_task_ids(split, limit) if shop.server_url else shop_site(shop).catalog.task_ids(split)[:limit]

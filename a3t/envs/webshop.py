@@ -37,9 +37,9 @@ Choices where WebShop leaves room, or where we had to substitute:
 from __future__ import annotations
 
 import functools
-from abc import ABC, abstractmethod
 import random
 import re
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -48,7 +48,13 @@ import bm25s
 import numpy as np
 
 from a3t.envs.base import PageFormat, Reset, Step, TerminalReason
-from a3t.envs.webshop_catalog import Catalog, Goal, Product, generate_catalog, load_webshop_catalog
+from a3t.envs.webshop_catalog import (
+    Catalog,
+    Goal,
+    Product,
+    generate_catalog,
+    load_webshop_catalog,
+)
 from a3t.envs.webshop_reward import RewardInfo, webshop_reward
 
 ObservationFormat = PageFormat

@@ -51,17 +51,11 @@ def games_generate(
     overrides: OverridesArg = None, config: ConfigOption = None, profile: ProfileOption = "default"
 ) -> None:
     """Generate solvable games of all 6 task types into games.root (official ALFWorld layout)."""
-    from a3t.envs.alfworld_gen import game_jobs, generate_games
-    from a3t.progress import step_bar
+    from a3t.envs.alfworld_gen import generate_configured_games
 
     cfg = _config(config, overrides or [], profile)
     g = cfg.games
-    jobs = game_jobs(g.root, g.counts(), g.seed, g.size, g.plan_timeout_s)
-    new = {split: 0 for split in g.counts()}
-    with step_bar(f"generating {g.size} games (seed {g.seed}) into {g.root}", len(jobs)) as advance:
-        for job, _, written in generate_games(jobs, g.workers):
-            new[job.split] += written
-            advance()
+    new = generate_configured_games(g, Path(g.root), f"generating {g.size} games (seed {g.seed}) into {g.root}")["new"]
     table = Table("split", "games", "new", "already there")
     for split, n in g.counts().items():
         table.add_row(split, str(n), str(new[split]), str(n - new[split]))
@@ -387,7 +381,9 @@ def serve_command(
               "workspace": str(Path.cwd()), "more_rounds": rounds_per_run}
     with prefect_server(port) as url:
         console.print(f"Prefect server: {url.removesuffix('/api')} (schedules and runs in its UI)")
-        from a3t.orchestration.flows.self_improve import self_improve  # after PREFECT_API_URL is set
+        from a3t.orchestration.flows.self_improve import (
+            self_improve,  # after PREFECT_API_URL is set
+        )
 
         _with_task_runner(self_improve, cfg).serve(name=f"a3t-{cfg.pipeline.campaign}", cron=cron, parameters=params)
 
@@ -401,7 +397,8 @@ def ui_command(
 ) -> None:
     """Open the MLflow UI of this workspace (mlflow/ store) on 127.0.0.1; prints the page that
     compares the campaign's rounds (pipeline.campaign)."""
-    from a3t.orchestration.tracking import comparison_url, ui_command as mlflow_ui
+    from a3t.orchestration.tracking import comparison_url
+    from a3t.orchestration.tracking import ui_command as mlflow_ui
 
     cfg = _config(config, overrides or [], profile)
     argv = mlflow_ui(Path.cwd(), port)

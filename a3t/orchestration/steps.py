@@ -18,8 +18,8 @@ from a3t import evaluate as evaluation
 from a3t import pipeline, versioning
 from a3t.config import Config
 from a3t.envs.spec import env_spec
-from a3t.pipeline import Workspace
 from a3t.orchestration import tracking
+from a3t.pipeline import Workspace
 
 # No log_prints: Fast Downward prints its translation log on every game load (it captures
 # stdout to drop it, which Prefect's print capture would bypass).
@@ -50,17 +50,11 @@ def versioned_paths(cfg: Config, ws: Workspace) -> list[Path]:
 @step(name="generate games")
 def generate_games(cfg: Config, root: str) -> dict[str, int]:
     """ALFWorld's games (the flows skip this step for WebShop)."""
-    from a3t.envs.alfworld_gen import game_jobs, generate_games as generate
-    from a3t.progress import step_bar
+    from a3t.envs.alfworld_gen import generate_configured_games
 
     g = cfg.games
-    jobs = game_jobs(_ws(cfg, root).path(g.root), g.counts(), g.seed, g.size, g.plan_timeout_s)
-    new = 0
-    with step_bar(f"games ({g.size}, seed {g.seed})", len(jobs)) as advance:
-        for _, _, written in generate(jobs, g.workers):
-            new += written
-            advance()
-    return {"games": len(jobs), "new": new}
+    made = generate_configured_games(g, _ws(cfg, root).path(g.root), f"games ({g.size}, seed {g.seed})")
+    return {"games": sum(made["games"].values()), "new": sum(made["new"].values())}
 
 
 @step(name="annotate walkthroughs")

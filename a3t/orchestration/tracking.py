@@ -63,6 +63,7 @@ from mlflow.exceptions import MlflowException  # noqa: E402
 from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_TAG_VAL_LENGTH  # noqa: E402
 from pydantic import BaseModel  # noqa: E402
 
+from a3t.config import CAMPAIGN_NAME  # noqa: E402
 from a3t.evaluate import is_new_champion  # noqa: E402
 from a3t.trajectory import Trajectory, TrajectoryStore  # noqa: E402
 
@@ -89,7 +90,7 @@ NOTE_TAG = "mlflow.note.content"  # the run's description in the UI
 # `git status` (a3t's own repo commits its README.md and this file, which git then keeps).
 _GITIGNORE = "# The MLflow store (SQLite + artifacts) is a workspace file, never committed.\n*\n"
 _TRUNCATED = "... (truncated; full config in config.json)"
-_CAMPAIGN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+_CAMPAIGN_NAME = re.compile(CAMPAIGN_NAME)
 
 
 class TrackingError(ValueError):

@@ -9,8 +9,9 @@ from prefect import flow
 
 from a3t import pipeline
 from a3t.config import load_config
-from a3t.pipeline import Workspace
 from a3t.orchestration import steps
+from a3t.pipeline import Workspace
+
 
 @flow(name="a3t-evaluate")
 def evaluate(

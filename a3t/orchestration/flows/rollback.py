@@ -11,9 +11,9 @@ from __future__ import annotations
 from prefect import flow
 
 from a3t.config import load_config
+from a3t.orchestration import steps
 from a3t.pipeline import Workspace
 from a3t.versioning import parse_tag, workspace_lock
-from a3t.orchestration import steps
 
 
 @flow(name="a3t-rollback")

@@ -14,11 +14,11 @@ from contextlib import contextmanager
 from prefect import flow
 from prefect.futures import wait
 
-from a3t.envs.spec import env_spec
 from a3t.config import Config, PipelineConfig, load_config
+from a3t.envs.spec import env_spec
+from a3t.orchestration import steps
 from a3t.pipeline import STAGES, Workspace
 from a3t.versioning import WorkspaceError, workspace_lock
-from a3t.orchestration import steps
 
 
 @flow(name="a3t-self-improve")
