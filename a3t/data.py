@@ -16,6 +16,7 @@ from pathlib import Path
 
 from a3t.agent.react import react_chat
 from a3t.envs.base import PageFormat, Phrasing
+from a3t.envs.spec import env_spec
 from a3t.filter import LossVariant, filter_trajectories
 from a3t.trajectory import Trajectory, TrajectoryStore
 
@@ -73,7 +74,7 @@ def tokenize_trajectory(
     """``phrasing`` renders ALFWorld trajectories' prompt, ``page_format`` WebShop's; ``with_example``:
     the prompt shows the 1-shot example (as the policy that will be trained is to see it)."""
     chat = react_chat(t.task_type, t.initial_observation, t.steps, phrasing,
-                      webshop=page_format if t.env == "webshop" else None, with_example=with_example)
+                      webshop=env_spec(t.env).page_format(page_format), with_example=with_example)
     text, spans = turn_spans(tokenizer, chat, observations)
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = encoded["input_ids"], encoded["offset_mapping"]

@@ -33,7 +33,7 @@ from a3t.agent.actre import ActReAnnotator, ActReRequest
 from a3t.agent.react import format_turn, parse_turn, react_chat
 from a3t.config import EnvConfig, RolloutConfig
 from a3t.envs import action_choices, explore_action, make_env, usable_actions
-from a3t.envs.base import PageFormat, Reset, Task, TerminalReason, TextEnv
+from a3t.envs.base import Reset, Task, TerminalReason, TextEnv
 from a3t.llm.base import LLM, Chat, Sampling, stop_after_action_line, stop_after_thought
 from a3t.trajectory import StepRecord, Trajectory, TrajectoryStore
 
@@ -203,14 +203,9 @@ def _start(task: Task, attempt: int, cfg: RolloutConfig, env_cfg: EnvConfig, rou
     return _Episode(task=task, attempt=attempt, env=env, first=first, rng=rng)
 
 
-def _page_format(episode: _Episode) -> PageFormat | None:
-    """A WebShop episode's page format (its prompts show their example in it); None for ALFWorld."""
-    return None if episode.task.shop is None else episode.task.shop.observation_format
-
-
 def _policy_chat(episode: _Episode, with_example: bool) -> Chat:
     """WebShop's prompt for a WebShop goal, else ALFWorld's in the game's phrasing."""
-    first, webshop = episode.first, _page_format(episode)
+    first, webshop = episode.first, episode.task.page_format
     if webshop is not None:
         return react_chat(first.task_type, first.observation, episode.steps, webshop=webshop, with_example=with_example)
     return react_chat(first.task_type, first.observation, episode.steps, episode.env.phrasing,
@@ -262,7 +257,7 @@ def _choose_actions(active, policy, annotator, sampling, cfg: RolloutConfig, tur
             choices[i] = (p.thought, action, False)
     if explores:
         requests = [ActReRequest(active[i].first.task_type, active[i].first.observation, active[i].steps, action,
-                                 _page_format(active[i]))
+                                 active[i].task.page_format)
                     for i, action, _ in explores]
         t0 = time.perf_counter()
         answers = annotator.reasons(requests, sessions=[_actre_session(active[i]) for i, _, _ in explores])
@@ -318,7 +313,7 @@ def _finish(episode: _Episode, reward: float, won: bool, round_: int, policy, an
     model = policy if policy is not None else annotator.llm
     return Trajectory(
         episode_id=f"r{round_}/{episode.episode_id}",
-        env="alfworld" if episode.task.shop is None else "webshop",
+        env=episode.task.env,
         task_id=episode.task.task_id,
         game="" if episode.task.game is None else str(episode.task.game),
         task_type=episode.first.task_type,

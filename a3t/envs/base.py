@@ -43,6 +43,16 @@ class Task:
     script: tuple[str, ...] | None = None  # actions to annotate instead of asking the policy
     shop: WebShopConfig | None = None  # WebShop: the shop the goal is on (local or a server); None for ALFWorld
 
+    @property
+    def env(self) -> str:
+        """The environment the task is played in (``env.name``)."""
+        return "alfworld" if self.shop is None else "webshop"
+
+    @property
+    def page_format(self) -> PageFormat | None:
+        """WebShop: how its pages read (its prompts show their example so); None for ALFWorld."""
+        return None if self.shop is None else self.shop.observation_format
+
 
 @dataclass(frozen=True)
 class Reset:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from a3t.config import Config, WebShopConfig
-    from a3t.envs.base import Task
+    from a3t.envs.base import PageFormat, Task
 
 
 def spread_over_task_types(games: list[Path], n: int | None) -> list[Path]:
@@ -70,6 +70,10 @@ class AlfWorldSpec:
     def check(self, cfg: Config) -> None:
         """Settings that contradict each other for this environment (none for ALFWorld)."""
 
+    def page_format(self, configured: PageFormat) -> PageFormat | None:
+        """How the prompt renders pages: ALFWorld has none."""
+        return None
+
 
 def webshop_tasks(shop: WebShopConfig, split: str, limit: int | None = None) -> list[Task]:
     """The first ``limit`` goals of a WebShop split: the local shop's (<split>/<index>), or the
@@ -107,6 +111,9 @@ class WebShopSpec:
         """The trajectories only: the generated shop is rebuilt from its settings (logged with the
         config); WebShop's own files and server are the user's."""
         return [trajectories]
+
+    def page_format(self, configured: PageFormat) -> PageFormat | None:
+        return configured
 
     def check(self, cfg: Config) -> None:
         if cfg.webshop.server_url and cfg.pipeline.annotate_walkthroughs:
