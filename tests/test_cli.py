@@ -108,7 +108,7 @@ def test_campaign_table_shows_intervals_and_games_per_split_and_round(tmp_path, 
 
     from rich.console import Console
 
-    from a3t import cli
+    from a3t.orchestration import cli
     from a3t.config import load_config
     from a3t.pipeline import Workspace
 
