@@ -266,6 +266,11 @@ class PipelineConfig(_Section):
         pattern=f"^{CAMPAIGN_NAME}$",
         description="Name of the campaign: its data folder, DVC tags and MLflow runs. Another name starts another.",
     )
+    when_busy: Literal["refuse", "wait", "skip"] = Field(
+        "refuse", description="When another a3t run holds the workspace: 'refuse' (an error naming it), 'wait' "
+        "until it is done, or 'skip' this run with a message (for schedules: a night that overlaps the last one "
+        "adds nothing rather than waiting behind it).",
+    )
     rounds: int = Field(2, ge=1, description="Rounds a campaign runs to (paper: 4, rounds 0-3).")
     train_tasks: Optional[int] = Field(
         8, ge=1, description="Train games (WebShop: goals) played per round (the first N); unset: all (paper: all)."

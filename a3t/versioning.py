@@ -42,6 +42,8 @@ from a3t.config import CAMPAIGN_NAME
 # and sends nothing anywhere (a user's own setting wins).
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 
+log = logging.getLogger(__name__)
+
 # The DVC remote a3t configures from its one setting (pipeline.dvc_remote).
 REMOTE_NAME = "a3t"
 # DVC's own files that `dvc init` stages; a3t commits exactly these after initializing.
@@ -65,6 +67,10 @@ _TAG = re.compile(r"a3t/(?P<campaign>[^/]+)/round-(?P<round>\d+)")
 
 class WorkspaceError(RuntimeError):
     """A workspace problem the user must act on; the message says what and what to do."""
+
+
+class WorkspaceBusy(WorkspaceError):
+    """Another a3t run holds the workspace (its lock)."""
 
 
 @dataclass(frozen=True)
@@ -397,9 +403,10 @@ def _file_md5(path: Path) -> str:
 
 
 @contextmanager
-def workspace_lock(root: Path, command: str | None = None) -> Iterator[None]:
-    """Hold the workspace for one run; a second run in the same workspace is refused at once
-    with who holds it. An OS file lock (flock): it goes when its process does, even killed.
+def workspace_lock(root: Path, command: str | None = None, wait: bool = False) -> Iterator[None]:
+    """Hold the workspace for one run. A second run in the same workspace is refused at once
+    (WorkspaceBusy, with who holds it), or with ``wait`` waits until the holder is done (a log
+    line says for whom). An OS file lock (flock): it goes when its process does, even killed.
     Not reentrant: take it once, where the command starts."""
     from filelock import FileLock, Timeout
 
@@ -409,7 +416,10 @@ def workspace_lock(root: Path, command: str | None = None) -> Iterator[None]:
     try:
         lock.acquire()
     except Timeout:
-        raise WorkspaceError(_holder(root)) from None
+        if not wait:
+            raise WorkspaceBusy(_holder(root)) from None
+        log.warning("waiting for the workspace: %s", _holder(root))
+        lock.acquire(timeout=-1)
     try:
         info = {"pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
                 "command": command or shlex.join(sys.argv)}

@@ -75,3 +75,31 @@ def test_serve_registers_a_cron_deployment_that_adds_rounds(ws, env):
     finally:
         serve.terminate()
         serve.wait(timeout=60)
+
+
+HOLDER = """
+import sys, time
+from a3t.versioning import workspace_lock
+with workspace_lock(sys.argv[1], command="a3t run (last night's)"):
+    print("locked", flush=True)
+    time.sleep(300)
+"""
+
+
+def test_a_run_that_finds_the_workspace_busy_skips_when_told(ws, env):
+    """pipeline.when_busy=skip: a scheduled run that overlaps the last one adds nothing and says so."""
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(ws)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        done = subprocess.run([sys.executable, "-m", "a3t", "run", "--profile", "smoke", "pipeline.when_busy=skip"],
+                              cwd=ws, env=env, capture_output=True, text=True, timeout=300)
+        out = done.stdout + done.stderr
+        assert done.returncode == 0, out[-4000:]
+        assert "skipped (pipeline.when_busy=skip)" in out and "a3t run (last night's)" in out
+        assert not (ws / "data" / "runs").exists()  # nothing written
+        refused = subprocess.run([sys.executable, "-m", "a3t", "run", "--profile", "smoke"], cwd=ws, env=env,
+                                 capture_output=True, text=True, timeout=300)
+        assert refused.returncode != 0 and "holds the lock on workspace" in refused.stdout + refused.stderr
+    finally:
+        holder.kill()
+        holder.wait()

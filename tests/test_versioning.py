@@ -17,6 +17,7 @@ import pytest
 
 from a3t.versioning import (
     DVC_INIT_FILES,
+    WorkspaceBusy,
     WorkspaceError,
     check_clean,
     dataset_hash,
@@ -306,3 +307,19 @@ def test_a_second_run_is_refused_until_the_holder_dies(tmp_path):
                 pass
     with workspace_lock(tmp_path):
         pass
+
+
+def test_a_second_run_may_wait_for_the_first(tmp_path):
+    """pipeline.when_busy=wait: the second run takes the workspace when the first lets it go."""
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER.replace("time.sleep(60)", "time.sleep(2)"), str(tmp_path)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(WorkspaceBusy):
+            with workspace_lock(tmp_path):
+                pass
+        with workspace_lock(tmp_path, wait=True):
+            assert holder.wait(timeout=30) == 0  # it finished before this run held the workspace
+    finally:
+        holder.kill()
+        holder.wait()

@@ -9,16 +9,16 @@ One run at a time per workspace (a lock).
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 
-from prefect import flow
+from prefect import flow, get_run_logger
 from prefect.futures import wait
 
 from a3t.config import Config, PipelineConfig, load_config
 from a3t.envs.spec import env_spec
 from a3t.orchestration import steps
 from a3t.pipeline import STAGES, Workspace
-from a3t.versioning import WorkspaceError, workspace_lock
+from a3t.versioning import WorkspaceBusy, WorkspaceError, workspace_lock
 
 
 @flow(name="a3t-self-improve")
@@ -33,7 +33,9 @@ def self_improve(
     finished. Returns the summaries of the rounds this run finished."""
     cfg = load_config(config_file, overrides or [], profile)
     ws = Workspace.of(cfg, workspace)
-    with workspace_lock(ws.root):
+    with _held(cfg, ws) as held:
+        if not held:
+            return []
         steps.prepare_workspace(cfg, workspace)
         if env_spec(cfg.env.name).has_games:  # WebShop's shop is built in process, from its settings
             steps.generate_games(cfg, workspace)
@@ -57,7 +59,9 @@ def one_round(
     finished. A finished round is not run again: its summary is returned."""
     cfg = load_config(config_file, overrides or [], profile)
     ws = Workspace.of(cfg, workspace)
-    with workspace_lock(ws.root):
+    with _held(cfg, ws) as held:
+        if not held:
+            return {}
         k = ws.next_round() if round_ is None else round_
         if k in ws.finished_rounds():
             return ws.round_summary(k)
@@ -67,6 +71,22 @@ def one_round(
         if env_spec(cfg.env.name).has_games:
             steps.generate_games(cfg, workspace)
         return run_round(cfg, workspace, k)
+
+
+@contextmanager
+def _held(cfg: Config, ws: Workspace):
+    """The workspace's lock for this run: True while held; False when another run holds it and
+    ``pipeline.when_busy=skip`` (logged); else that run's WorkspaceBusy error, or a wait."""
+    with ExitStack() as stack:
+        try:
+            stack.enter_context(workspace_lock(ws.root, wait=cfg.pipeline.when_busy == "wait"))
+        except WorkspaceBusy as busy:
+            if cfg.pipeline.when_busy != "skip":
+                raise
+            get_run_logger().warning(f"skipped (pipeline.when_busy=skip): {busy}")
+            yield False
+            return
+        yield True
 
 
 def task_runner(cfg: PipelineConfig):
