@@ -432,6 +432,17 @@ def workspace_lock(root: Path, command: str | None = None, wait: bool = False) -
         lock.release()
 
 
+def lock_holder(root: Path) -> dict | None:
+    """Who holds the workspace (pid, started, command) when a live process does; None otherwise.
+    Reads the record the holder wrote and never touches the lock, so it cannot delay a run."""
+    try:
+        info = json.loads((Path(root) / LOCK_INFO).read_text())
+        os.kill(int(info["pid"]), 0)  # a record left by a killed run names a dead process
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return info
+
+
 def _holder(root: Path) -> str:
     try:
         info = json.loads((root / LOCK_INFO).read_text())

@@ -168,6 +168,13 @@ def test_mlflow_has_one_run_per_round_with_metrics_per_step(ws):
     assert len(versions) == 2
 
 
+def test_status_shows_the_rounds_and_the_champion_without_starting_anything(ws, env):
+    out = finish(a3t(ws, env, "status", "--profile", "smoke", f"pipeline.campaign={CAMPAIGN}"), timeout=120)
+    assert f"campaign {CAMPAIGN}: success rates" in out and f"a3t/{CAMPAIGN}/round-1" in out
+    assert "champion: round " in out and "no run holds this workspace" in out
+    assert "Prefect" not in out  # nothing started
+
+
 def test_rollback_then_the_next_round_is_redone(ws, env):
     from a3t.versioning import dataset_hash
 

@@ -23,6 +23,7 @@ from a3t.versioning import (
     dataset_hash,
     ensure_workspace,
     list_versions,
+    lock_holder,
     parse_tag,
     rollback,
     tag_name,
@@ -301,7 +302,9 @@ def test_a_second_run_is_refused_until_the_holder_dies(tmp_path):
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()
+    assert lock_holder(tmp_path) is None  # the killed holder's record names a dead process
     with workspace_lock(tmp_path, command="second"):
+        assert lock_holder(tmp_path)["command"] == "second"
         with pytest.raises(WorkspaceError, match=r"command 'second'"):
             with workspace_lock(tmp_path):
                 pass

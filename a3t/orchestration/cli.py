@@ -439,6 +439,25 @@ def _split_cell(rates: dict) -> str:
     return f"{rates['tasks']} games\n{_rate(rates, 'success')}\n{_rate(rates, 'success_within_k')}"
 
 
+@app.command("status")
+def status_command(
+    overrides: OverridesArg = None, config: ConfigOption = None, profile: ProfileOption = "default"
+) -> None:
+    """The campaign of this workspace: its rounds' success rates, the champion adapter, and the run
+    that holds the workspace if one does. Reads files and the MLflow store; starts nothing."""
+    from a3t.orchestration.tracking import champion
+    from a3t.versioning import lock_holder
+
+    cfg = _config(config, overrides or [], profile)
+    _report_campaign(cfg, None)
+    best = champion(Path.cwd(), cfg.pipeline.campaign)
+    console.print("champion: " + (f"round {best['round']} (model version {best['version']}, "
+                                  f"first-attempt success {best['score']:.1%})" if best else "none yet"))
+    holder = lock_holder(Path.cwd())
+    console.print("running:  " + (f"pid {holder['pid']} since {holder['started']}: {holder['command']}"
+                                  if holder else "no run holds this workspace"))
+
+
 def _report_campaign(cfg: Config, wall_s: float | None) -> None:
     """Each finished round's success rates, and where to look next."""
     from a3t.pipeline import Workspace

@@ -484,6 +484,22 @@ def _aliases(client: MlflowClient, name: str) -> dict[str, str]:
     return {alias: str(version) for alias, version in client.get_registered_model(name).aliases.items()}
 
 
+def champion(workspace: str | Path, campaign: str, experiment: str = EXPERIMENT) -> dict[str, Any] | None:
+    """The campaign's champion adapter: ``{"version", "round", "score"}``; None before any round
+    registered one. Reads the store, starts nothing."""
+    _check_campaign(campaign)
+    client = _client(workspace)
+    name = model_name(campaign, experiment)
+    try:
+        version = _aliases(client, name).get(CHAMPION)
+    except MlflowException:  # no registered model yet
+        return None
+    if version is None:
+        return None
+    v = client.get_model_version(name, version)
+    return {"version": version, "round": int(v.tags.get(TAG_ROUND, -1)), "score": _score(v)}
+
+
 def register_adapter(
     workspace: str | Path, campaign: str, run_id: str, round_: int, score: float,
     score_name: str = "valid_unseen/success",
