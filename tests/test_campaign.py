@@ -175,6 +175,15 @@ def test_status_shows_the_rounds_and_the_champion_without_starting_anything(ws, 
     assert "Prefect" not in out  # nothing started
 
 
+def test_eval_command_evaluates_a_rounds_adapter_as_the_pipeline_does(ws, env):
+    adapter = round_run(ws, 1) / "train" / "adapter"
+    out = finish(a3t(ws, env, "eval", "--profile", "smoke", f"pipeline.campaign={CAMPAIGN}", "--adapter", str(adapter),
+                     "eval.splits=[valid_unseen]"))
+    assert "valid_unseen" in out and "first attempt [95% CI]" in out
+    played = ws / "data" / "runs" / "eval" / "train" / "valid_unseen.jsonl"
+    assert lines(played) >= 2  # the smoke profile's 2 valid_unseen games, first attempts and retries
+
+
 def test_rollback_then_the_next_round_is_redone(ws, env):
     from a3t.versioning import dataset_hash
 
