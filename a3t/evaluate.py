@@ -14,7 +14,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pydantic import BaseModel
+from pydantic import BaseModel, model_validator
 
 from a3t.config import Config
 from a3t.envs.spec import env_spec
@@ -32,6 +32,17 @@ class Rates(BaseModel):
     success_ci: tuple[float, float]  # its 95% Wilson interval
     success_within_k: float  # success within k attempts
     success_within_k_ci: tuple[float, float]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _older_summaries(cls, data):
+        # Round summaries written before a3t kept the counts and intervals: from the rates and tasks.
+        if isinstance(data, dict) and "tasks" in data:
+            data = dict(data)
+            data.setdefault("successes", round(data["success"] * data["tasks"]))
+            for key in ("success", "success_within_k"):
+                data.setdefault(f"{key}_ci", wilson_interval(round(data[key] * data["tasks"]), data["tasks"]))
+        return data
 
 
 class SplitRates(Rates):
@@ -104,10 +115,10 @@ def evaluate_round(cfg: Config, ws: Workspace, round_: int, split: str) -> Split
                            ws.round_run(round_) / "eval" / f"{split}.jsonl", round_)
 
 
-def held_out_score(env_name: str, rates_by_split: dict[str, dict]) -> tuple[str, float]:
+def held_out_score(env_name: str, rates_by_split: dict[str, SplitRates]) -> tuple[str, float]:
     """The held-out split of an environment and the first-attempt success on it (0 if not evaluated)."""
     split = env_spec(env_name).held_out_split
-    return split, rates_by_split.get(split, {}).get("success", 0.0)
+    return split, rates_by_split[split].success if split in rates_by_split else 0.0
 
 
 def is_new_champion(score: float, champion_score: float | None) -> bool:

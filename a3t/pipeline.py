@@ -24,9 +24,12 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel, ConfigDict, Field
 
 from a3t.config import Config
+from a3t.evaluate import SplitRates
 from a3t.progress import rollout_bar
 from a3t.trajectory import Trajectory, TrajectoryStore
 
@@ -36,6 +39,60 @@ if TYPE_CHECKING:
 TRAIN_SET = "train_set.jsonl"
 # A round's stages in the order they run; the flow records each one's wall time (MLflow: time/<stage>_s).
 STAGES = ("annotate", "rollout", "explore", "filter", "version", "train", "eval")
+
+
+class PlayStats(BaseModel):
+    """The episodes of one rollout shard, or of the walkthrough annotation."""
+
+    episodes: int = 0
+    successes: int = 0
+    already_stored: int = 0  # skipped: in the store from an earlier run
+    completion_tokens: int = 0
+    tokens_per_s: float = 0.0
+    file: str = ""
+    # How ActRe fared on the explored and annotated steps (a3t.agent.actre); None: not counted.
+    actre_accepted: int | None = None
+    actre_rejected: int | None = None
+    actre_fallbacks: int | None = None
+
+
+class DataStats(BaseModel):
+    """What a round collected and what its training set holds (the filter)."""
+
+    file: str = ""  # the round's train_set.jsonl
+    collected: dict[str, int] = Field(default_factory=dict)  # this round's trajectories by source
+    collected_successes: int = 0
+    train_set: dict[str, int] = Field(default_factory=dict)  # the training set by source
+    train_set_size: int = 0
+    train_set_rounds: list[int] = Field(default_factory=list)
+
+
+class TrainStats(BaseModel):
+    """The trainer's statistics (a3t.train.train_adapter writes more, kept as they are)."""
+
+    model_config = ConfigDict(extra="allow")
+    examples: int = 0
+    loss_per_epoch: list[float] = Field(default_factory=list)
+    skipped: str | None = None  # why nothing was trained
+
+
+class RoundSummary(BaseModel):
+    """A finished round (``round.json``): what it played, versioned, trained and scored. The table
+    a3t prints, the MLflow metrics and the champion rule all read this."""
+
+    round: int = 0
+    campaign: str = ""
+    annotate: PlayStats | None = None  # None: no walkthroughs annotated this round
+    rollout: list[PlayStats] = Field(default_factory=list)  # one per shard, rollout then explore
+    rollout_tokens_per_s: float = 0.0
+    data: DataStats = Field(default_factory=DataStats)
+    version: dict[str, Any] = Field(default_factory=dict)  # the DVC tag, commit and hashes
+    train: TrainStats = Field(default_factory=TrainStats)
+    eval: dict[str, SplitRates] = Field(default_factory=dict)
+    wall_s: float = 0.0
+    time_s: dict[str, float] = Field(default_factory=dict)  # seconds per stage (STAGES)
+    tracking: dict[str, str] = Field(default_factory=dict)  # the MLflow runs: campaign_run, round_run
+    registered: dict[str, Any] | None = None  # the adapter's model version, and whether it is the champion
 
 
 @dataclass(frozen=True)
@@ -78,11 +135,11 @@ class Workspace:
             k += 1
         return k
 
-    def round_summary(self, k: int) -> dict:
-        return json.loads((self.round_run(k) / "round.json").read_text())
+    def round_summary(self, k: int) -> RoundSummary:
+        return RoundSummary.model_validate_json((self.round_run(k) / "round.json").read_text())
 
-    def finish_round(self, k: int, summary: dict) -> None:
-        _write_atomic(self.round_run(k) / "round.json", json.dumps(summary, indent=2))
+    def finish_round(self, k: int, summary: RoundSummary) -> None:
+        _write_atomic(self.round_run(k) / "round.json", summary.model_dump_json(indent=2))
 
 
 def remove_rounds_after(ws: Workspace, round_: int) -> list[int]:

@@ -56,8 +56,8 @@ def curve(ws: Workspace, split: str) -> list[dict]:
     """Each finished round's first-attempt success on a split: rate, interval, games."""
     out = []
     for k in ws.finished_rounds():
-        rates = ws.round_summary(k)["eval"][split]
-        out.append({"success": rates["success"], "ci": rates["success_ci"], "games": rates["tasks"]})
+        rates = ws.round_summary(k).eval[split]
+        out.append({"success": rates.success, "ci": list(rates.success_ci), "games": rates.tasks})
     return out
 
 

@@ -94,10 +94,11 @@ def _render(renderable) -> str:
 
 
 def test_rates_table_shows_the_95_percent_intervals():
+    from a3t.evaluate import SplitRates
     from a3t.orchestration.cli import _rates_table
 
     rates = _rates(6, 12, 24) | {"per_type": {"pick": _rates(1, 1, 12), "look": _rates(5, 11, 12)}}
-    text = _render(_rates_table("valid_unseen", rates))
+    text = _render(_rates_table("valid_unseen", SplitRates.model_validate(rates)))
     assert "25.0% [12.0–44.9]" in text and "50.0% [31.4–68.6]" in text  # all 24 games
     assert "8.3% [1.5–35.4]" in text  # 1 of 12 pick games
     assert "first attempt [95% CI]" in text and "within 4 [95% CI]" in text
@@ -116,13 +117,15 @@ def test_campaign_table_shows_intervals_and_games_per_split_and_round(tmp_path, 
     monkeypatch.setattr(cli, "console", Console(file=io.StringIO(), width=250))
     cfg = load_config(overrides=["eval.splits=[valid_seen,valid_unseen]", "eval.attempts=4"])
     ws = Workspace.of(cfg)
-    old = {"valid_seen": _rates(2, 3, 8, ci=False), "valid_unseen": _rates(1, 2, 8, ci=False)}
+    old = {"valid_seen": _rates(2, 3, 8, ci=False), "valid_unseen": _rates(1, 2, 8, ci=False)}  # no intervals
     new = {"valid_seen": _rates(6, 12, 24), "valid_unseen": _rates(12, 24, 24)}
     for k, evals in enumerate((old, new)):
         ws.round_data(k).mkdir(parents=True)
-        ws.finish_round(k, {"data": {"collected": {"policy": 1, "explored": 0, "annotated": 0}},
-                            "train": {"loss_per_epoch": []}, "version": {"tag": f"a3t/x/round-{k}"}, "eval": evals,
-                            "time_s": {"annotate": 60.0, "train": 90.0} if k == 0 else {"rollout": 30.0, "train": 60.0}})
+        (ws.round_run(k)).mkdir(parents=True)
+        (ws.round_run(k) / "round.json").write_text(json.dumps(  # as older a3t wrote them: fewer fields
+            {"data": {"collected": {"policy": 1, "explored": 0, "annotated": 0}}, "train": {"loss_per_epoch": []},
+             "version": {"tag": f"a3t/x/round-{k}"}, "eval": {split: r | {"per_type": {}} for split, r in evals.items()},
+             "time_s": {"annotate": 60.0, "train": 90.0} if k == 0 else {"rollout": 30.0, "train": 60.0}}))
     cli._report_campaign(cfg, None)
     text = cli.console.file.getvalue()
     stage_rows = [line for line in text.splitlines() if line.startswith("│ 0 ") or line.startswith("│ 1 ")][-2:]

@@ -211,9 +211,14 @@ def round_summary(rollout=(), annotate=None):
             "eval": {"valid_unseen": rates}}
 
 
-def test_round_metrics_log_the_intervals_and_actre_counts():
+def round_metrics(summary: dict) -> dict[str, float]:
     from a3t.orchestration.steps import round_metrics
+    from a3t.pipeline import RoundSummary
 
+    return round_metrics(RoundSummary.model_validate(summary))
+
+
+def test_round_metrics_log_the_intervals_and_actre_counts():
     shards = [{"episodes": 4, "actre_accepted": 3, "actre_rejected": 1, "actre_fallbacks": 0},
               {"episodes": 2, "actre_accepted": 2, "actre_rejected": 0, "actre_fallbacks": 1}]
     annotate = {"episodes": 5, "actre_accepted": 10, "actre_rejected": 2, "actre_fallbacks": 1}

@@ -29,7 +29,7 @@ from a3t.envs.webshop_server import WebShopServerEnv  # noqa: E402
 from a3t.llm.base import Completion  # noqa: E402
 from a3t.evaluate import success_rates  # noqa: E402
 from a3t.envs.spec import webshop_tasks  # noqa: E402
-from a3t.pipeline import Workspace, train_tasks  # noqa: E402
+from a3t.pipeline import RoundSummary, Workspace, train_tasks  # noqa: E402
 from a3t.envs.base import Task  # noqa: E402
 from a3t.rollout import rollout  # noqa: E402
 from a3t.trajectory import Trajectory, TrajectoryStore  # noqa: E402
@@ -304,9 +304,9 @@ def test_round_metrics_and_plot_have_the_test_split(tmp_path):
     from a3t.orchestration import tracking
     from a3t.orchestration.steps import round_metrics, versioned_paths
 
-    rates = success_rates([_webshop_trajectory(0.5, 0, "test/0")], 2).model_dump(mode="json")
-    summary = {"data": {"collected": {"policy": 1}, "train_set": {"policy": 1}}, "train": {"loss_per_epoch": [1.0]},
-               "rollout_tokens_per_s": 1.0, "wall_s": 1.0, "eval": {"test": rates}}
+    rates = success_rates([_webshop_trajectory(0.5, 0, "test/0")], 2)
+    summary = RoundSummary(data={"collected": {"policy": 1}, "train_set": {"policy": 1}}, train={"loss_per_epoch": [1.0]},
+                           rollout_tokens_per_s=1.0, wall_s=1.0, eval={"test": rates})
     metrics = round_metrics(summary)
     assert metrics["test/score"] == 50.0 and metrics["test/success"] == 0.0
     assert metrics["test/success_within_2"] == 0.0 and metrics["test/score_within_2"] == 50.0

@@ -12,9 +12,8 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from a3t.config import EnvConfig, WebShopConfig
-    from a3t.envs.base import TextEnv
+    from a3t.envs.base import Task, TextEnv
     from a3t.envs.webshop import WebShopSite
-    from a3t.envs.base import Task
 
 
 def shop_site(shop: WebShopConfig) -> WebShopSite:
@@ -69,7 +68,8 @@ def explore_action(env: TextEnv, rng: random.Random) -> str:
     """A3T's exploration: an action sampled from the environment's valid ones. ALFWorld: an
     admissible command ("help" only prints the command list: sampling it wastes a step);
     WebShop: a search built from the instruction on the search page, else a clickable."""
-    from a3t.envs.webshop import BrowserEnv, explore_action as explore_webshop
+    from a3t.envs.webshop import BrowserEnv
+    from a3t.envs.webshop import explore_action as explore_webshop
 
     if isinstance(env, BrowserEnv):
         return explore_webshop(env, rng)

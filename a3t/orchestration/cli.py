@@ -21,7 +21,7 @@ from rich.table import Column, Table
 
 from a3t.config import Config, ConfigError, load_config
 from a3t.envs.spec import env_spec
-from a3t.stats import wilson_interval
+from a3t.evaluate import SplitRates
 
 app = typer.Typer(help="a3t: a language agent that improves itself from its own trajectories (A3T).", no_args_is_help=True)
 games_app = typer.Typer(help="Generate and play ALFWorld games.", no_args_is_help=True)
@@ -341,7 +341,7 @@ def eval_command(
     results = _run_flow(evaluate, config_file=_str(config), profile=profile, overrides=overrides or [],
                         adapter=_str(adapter), round_=round_)
     for split, rates in results.items():
-        console.print(_rates_table(split, rates))
+        console.print(_rates_table(split, SplitRates.model_validate(rates)))
 
 
 @app.command("rollback")
@@ -414,29 +414,28 @@ def _str(value) -> str | None:
     return None if value is None else str(value)
 
 
-def _rate(rates: dict, key: str) -> str:
-    """``25.0% [12.0–44.9]``: a rate with its 95% Wilson interval. A summary written before the
-    intervals has none: it is computed from the rate and the number of tasks."""
-    ci = rates.get(f"{key}_ci") or wilson_interval(round(rates[key] * rates["tasks"]), rates["tasks"])
-    return f"{rates[key]:.1%} [{100 * ci[0]:.1f}–{100 * ci[1]:.1f}]"
+def _rate(rate: float, ci: tuple[float, float]) -> str:
+    """``25.0% [12.0–44.9]``: a rate with its 95% Wilson interval."""
+    return f"{rate:.1%} [{100 * ci[0]:.1f}–{100 * ci[1]:.1f}]"
 
 
-def _rates_table(split: str, rates: dict) -> Table:
-    k = rates["k"]
+def _rates_table(split: str, rates: SplitRates) -> Table:
+    k = rates.k
     table = Table("task type", "tasks", "first attempt [95% CI]", f"within {k} [95% CI]", title=split,
-                  caption=f"score (100 x mean reward): {rates['score']:.1f} first attempt, "
-                          f"{rates['score_within_k']:.1f} best within {k}")
-    for kind, r in rates["per_type"].items():
-        table.add_row(kind, str(r["tasks"]), _rate(r, "success"), _rate(r, "success_within_k"))
-    table.add_row("[bold]all[/bold]", str(rates["tasks"]), f"[bold]{_rate(rates, 'success')}[/bold]",
-                  f"[bold]{_rate(rates, 'success_within_k')}[/bold]")
+                  caption=f"score (100 x mean reward): {rates.score:.1f} first attempt, "
+                          f"{rates.score_within_k:.1f} best within {k}")
+    for kind, r in rates.per_type.items():
+        table.add_row(kind, str(r.tasks), _rate(r.success, r.success_ci), _rate(r.success_within_k, r.success_within_k_ci))
+    table.add_row("[bold]all[/bold]", str(rates.tasks), f"[bold]{_rate(rates.success, rates.success_ci)}[/bold]",
+                  f"[bold]{_rate(rates.success_within_k, rates.success_within_k_ci)}[/bold]")
     return table
 
 
-def _split_cell(rates: dict) -> str:
+def _split_cell(rates: SplitRates) -> str:
     # A line per header line: with a few tens of games the interval is as wide as a round's
     # gain, so the number of games stays in sight.
-    return f"{rates['tasks']} games\n{_rate(rates, 'success')}\n{_rate(rates, 'success_within_k')}"
+    return (f"{rates.tasks} games\n{_rate(rates.success, rates.success_ci)}\n"
+            f"{_rate(rates.success_within_k, rates.success_within_k_ci)}")
 
 
 @app.command("status")
@@ -474,13 +473,14 @@ def _report_campaign(cfg: Config, wall_s: float | None) -> None:
                   Column("DVC tag", overflow="fold"), title=f"campaign {ws.campaign}: success rates")
     for k in rounds:
         s = ws.round_summary(k)
-        c = s["data"]["collected"]
-        losses = s["train"]["loss_per_epoch"]
-        scores = [f"{s['eval'][sp]['score']:.1f} / {s['eval'][sp]['score_within_k']:.1f}"
-                  if "score" in s["eval"].get(sp, {}) else "-" for sp in cfg.eval.splits] if scored else []
-        table.add_row(str(k), f"{c['policy']}/{c['explored']}/{c['annotated']}", f"{losses[-1]:.3f}" if losses else "-",
-                      *[_split_cell(s["eval"][sp]) if sp in s["eval"] else "-" for sp in cfg.eval.splits],
-                      *scores, s["version"]["tag"])
+        c = s.data.collected
+        losses = s.train.loss_per_epoch
+        scores = [f"{s.eval[sp].score:.1f} / {s.eval[sp].score_within_k:.1f}" if sp in s.eval else "-"
+                  for sp in cfg.eval.splits] if scored else []
+        table.add_row(str(k), "/".join(str(c.get(source, 0)) for source in ("policy", "explored", "annotated")),
+                      f"{losses[-1]:.3f}" if losses else "-",
+                      *[_split_cell(s.eval[sp]) if sp in s.eval else "-" for sp in cfg.eval.splits],
+                      *scores, s.version.get("tag", "-"))
     console.print(table)
     _report_stage_times(ws, rounds)
     if wall_s is not None:
@@ -493,7 +493,7 @@ def _report_stage_times(ws, rounds: list[int]) -> None:
     """Where each round's time went (seconds per stage, as in MLflow's time/<stage>_s)."""
     from a3t.pipeline import STAGES
 
-    times = {k: ws.round_summary(k).get("time_s") for k in rounds}
+    times = {k: ws.round_summary(k).time_s for k in rounds}
     times = {k: t for k, t in times.items() if t}  # rounds finished before stage times were kept have none
     if not times:
         return

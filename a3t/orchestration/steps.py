@@ -19,7 +19,7 @@ from a3t import pipeline, versioning
 from a3t.config import Config
 from a3t.envs.spec import env_spec
 from a3t.orchestration import tracking
-from a3t.pipeline import Workspace
+from a3t.pipeline import RoundSummary, Workspace
 
 # No log_prints: Fast Downward prints its translation log on every game load (it captures
 # stdout to drop it, which Prefect's print capture would bypass).
@@ -129,7 +129,7 @@ def start_tracking(cfg: Config, root: str, round_: int) -> tuple[str, str]:
 
 
 @step(name="register")
-def register(cfg: Config, root: str, round_: int, run_id: str, parent_id: str, summary: dict) -> dict:
+def register(cfg: Config, root: str, round_: int, run_id: str, parent_id: str, summary: RoundSummary) -> dict:
     """Round k's metrics, artifacts and adapter version in MLflow; champion moves on improvement."""
     ws = _ws(cfg, root)
     tracking.log_round_metrics(ws.root, run_id, parent_id, round_, round_metrics(summary))
@@ -140,29 +140,30 @@ def register(cfg: Config, root: str, round_: int, run_id: str, parent_id: str, s
     tracking.log_success_plot(ws.root, ws.campaign, run_id, parent_id)
     version, champion = None, False
     if trained:
-        split, score = evaluation.held_out_score(cfg.env.name, summary["eval"])
+        split, score = evaluation.held_out_score(cfg.env.name, summary.eval)
         version, champion = tracking.register_adapter(ws.root, ws.campaign, run_id, round_, score,
                                                       score_name=tracking.success_key(split))
     tracking.finish_run(ws.root, run_id)
     return {"model_version": version, "champion": champion}
 
 
-def round_metrics(summary: dict) -> dict[str, float]:
+def round_metrics(summary: RoundSummary) -> dict[str, float]:
     """The flat metrics of a round summary (logged with step=round)."""
-    metrics = {f"trajectories/{source}": n for source, n in summary["data"]["collected"].items()}
-    metrics |= {f"train_set/{source}": n for source, n in summary["data"]["train_set"].items()}
-    if summary["train"]["loss_per_epoch"]:
-        metrics["train/loss"] = summary["train"]["loss_per_epoch"][-1]
-    metrics["rollout/tokens_per_s"] = summary["rollout_tokens_per_s"]
-    metrics["round/wall_s"] = summary["wall_s"]
-    metrics |= {f"time/{stage}_s": seconds for stage, seconds in summary.get("time_s", {}).items()}
+    metrics = {f"trajectories/{source}": n for source, n in summary.data.collected.items()}
+    metrics |= {f"train_set/{source}": n for source, n in summary.data.train_set.items()}
+    if summary.train.loss_per_epoch:
+        metrics["train/loss"] = summary.train.loss_per_epoch[-1]
+    metrics["rollout/tokens_per_s"] = summary.rollout_tokens_per_s
+    metrics["round/wall_s"] = summary.wall_s
+    metrics |= {f"time/{stage}_s": seconds for stage, seconds in summary.time_s.items()}
     # ActRe's verdicts over the round's rollouts and walkthrough annotation, when they count them.
-    played = summary.get("rollout", []) + ([summary["annotate"]] if summary.get("annotate") else [])
+    played = summary.rollout + ([summary.annotate] if summary.annotate else [])
     for name in ("accepted", "rejected", "fallbacks"):
-        if any(f"actre_{name}" in p for p in played):
-            metrics[f"actre/{name}"] = sum(p.get(f"actre_{name}", 0) for p in played)
-    for split, rates in summary["eval"].items():
-        metrics |= evaluation.split_metrics(split, evaluation.SplitRates.model_validate(rates))
+        counts = [getattr(p, f"actre_{name}") for p in played]
+        if any(n is not None for n in counts):
+            metrics[f"actre/{name}"] = sum(n or 0 for n in counts)
+    for split, rates in summary.eval.items():
+        metrics |= evaluation.split_metrics(split, rates)
     return metrics
 
 
@@ -172,5 +173,5 @@ def end_tracking(cfg: Config, root: str, run_id: str, status: str = "FINISHED") 
 
 
 @step(name="finish round")
-def finish_round(cfg: Config, root: str, round_: int, summary: dict) -> None:
+def finish_round(cfg: Config, root: str, round_: int, summary: RoundSummary) -> None:
     _ws(cfg, root).finish_round(round_, summary)

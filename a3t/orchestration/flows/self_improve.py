@@ -17,7 +17,7 @@ from prefect.futures import wait
 from a3t.config import Config, PipelineConfig, load_config
 from a3t.envs.spec import env_spec
 from a3t.orchestration import steps
-from a3t.pipeline import STAGES, Workspace
+from a3t.pipeline import STAGES, RoundSummary, Workspace
 from a3t.versioning import WorkspaceBusy, WorkspaceError, workspace_lock
 
 
@@ -28,7 +28,7 @@ def self_improve(
     overrides: list[str] | None = None,
     workspace: str = ".",
     more_rounds: int | None = None,
-) -> list[dict]:
+) -> list[RoundSummary]:
     """Run the campaign up to ``pipeline.rounds`` rounds, or ``more_rounds`` more than are
     finished. Returns the summaries of the rounds this run finished."""
     cfg = load_config(config_file, overrides or [], profile)
@@ -43,7 +43,7 @@ def self_improve(
         last = cfg.pipeline.rounds if more_rounds is None else first + more_rounds
         summaries = [run_round(cfg, workspace, k) for k in range(first, last)]
         if summaries:
-            steps.end_tracking(cfg, workspace, summaries[-1]["tracking"]["campaign_run"])
+            steps.end_tracking(cfg, workspace, summaries[-1].tracking["campaign_run"])
         return summaries
 
 
@@ -54,14 +54,14 @@ def one_round(
     overrides: list[str] | None = None,
     workspace: str = ".",
     round_: int | None = None,
-) -> dict:
+) -> RoundSummary | None:
     """Round ``round_`` of the campaign (default: the next); it needs the rounds before it
     finished. A finished round is not run again: its summary is returned."""
     cfg = load_config(config_file, overrides or [], profile)
     ws = Workspace.of(cfg, workspace)
     with _held(cfg, ws) as held:
         if not held:
-            return {}
+            return None
         k = ws.next_round() if round_ is None else round_
         if k in ws.finished_rounds():
             return ws.round_summary(k)
@@ -111,7 +111,7 @@ def task_runner(cfg: PipelineConfig):
     return ThreadPoolTaskRunner(max_workers=max(cfg.rollout_shards, 1))
 
 
-def run_round(cfg: Config, workspace: str, k: int) -> dict:
+def run_round(cfg: Config, workspace: str, k: int) -> RoundSummary:
     """One round, step after step (rollout shards run concurrently on the task runner)."""
     parent_id, run_id = steps.start_tracking(cfg, workspace, k)
     try:
@@ -130,7 +130,7 @@ def _timed(times: dict[str, float], stage: str):
         times[stage] = times.get(stage, 0.0) + time.perf_counter() - start
 
 
-def _round_steps(cfg: Config, workspace: str, k: int, parent_id: str, run_id: str) -> dict:
+def _round_steps(cfg: Config, workspace: str, k: int, parent_id: str, run_id: str) -> RoundSummary:
     started = time.perf_counter()
     times: dict[str, float] = {}  # this run's seconds per stage (a resumed round: what was left to do)
     llm_step = {"retries": cfg.pipeline.llm_task_retries, "retry_delay_seconds": 5}
@@ -156,20 +156,13 @@ def _round_steps(cfg: Config, workspace: str, k: int, parent_id: str, run_id: st
         evals = {split: steps.evaluate.with_options(**llm_step)(cfg, workspace, k, split) for split in cfg.eval.splits}
     tokens = sum(p["completion_tokens"] for p in played)
     seconds = sum(p["completion_tokens"] / p["tokens_per_s"] for p in played if p["tokens_per_s"] > 0)
-    summary = {
-        "round": k,
-        "campaign": cfg.pipeline.campaign,
-        "annotate": annotated,  # None: no walkthroughs annotated this round
-        "rollout": played,
-        "rollout_tokens_per_s": tokens / seconds if seconds else 0.0,
-        "data": data,
-        "version": version,
-        "train": train,
-        "eval": evals,
-        "wall_s": time.perf_counter() - started,
-        "time_s": {stage: times[stage] for stage in STAGES if stage in times},
-        "tracking": {"campaign_run": parent_id, "round_run": run_id},
-    }
-    summary["registered"] = steps.register(cfg, workspace, k, run_id, parent_id, summary)
+    summary = RoundSummary(
+        round=k, campaign=cfg.pipeline.campaign, annotate=annotated, rollout=played,
+        rollout_tokens_per_s=tokens / seconds if seconds else 0.0, data=data, version=version, train=train,
+        eval=evals, wall_s=time.perf_counter() - started,
+        time_s={stage: times[stage] for stage in STAGES if stage in times},
+        tracking={"campaign_run": parent_id, "round_run": run_id},
+    )
+    summary.registered = steps.register(cfg, workspace, k, run_id, parent_id, summary)
     steps.finish_round(cfg, workspace, k, summary)
     return summary
