@@ -34,8 +34,9 @@ STEPS = [
 
 
 def traj(task_id: str, success: bool, n: int, steps: int = 2) -> Trajectory:
-    return make_trajectory(task_id, success, attempt=n, task_type="pick_clean_then_place_in_recep",
-                           task="put a clean mug in cabinet", initial_observation=INITIAL, steps=STEPS[:steps])
+    return make_trajectory(task_id, success, attempt=n, episode_id=f"{task_id}-{n}",
+                           task_type="pick_clean_then_place_in_recep", task="put a clean mug in cabinet",
+                           initial_observation=INITIAL, steps=STEPS[:steps])
 
 
 def lora_model(model_dir, load_in_4bit: bool, seed: int = 0):
