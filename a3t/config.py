@@ -272,6 +272,19 @@ class PipelineConfig(_Section):
         "adds nothing rather than waiting behind it).",
     )
     rounds: int = Field(2, ge=1, description="Rounds a campaign runs to (paper: 4, rounds 0-3).")
+    regression_tolerance: Optional[float] = Field(
+        None, ge=0, le=1,
+        description="A round regresses when its held-out first-attempt success is below the champion's by more "
+        "than this (a fraction: 0.1 is 10 points); unset: when the two rates' 95% Wilson intervals do not overlap "
+        "(a drop the noise of a few tens of games does not explain). The paper warns that pg is unstable.",
+    )
+    on_regression: Literal["rollback", "stop", "keep"] = Field(
+        "rollback",
+        description="What a regressing round gets: 'rollback' (rejected: the dataset goes back to the champion "
+        "round's DVC tag and the next round starts from the champion's data and adapter), 'stop' (the same, then "
+        "this run fails so that a schedule shows it; the next run continues from the champion) or 'keep' (logged "
+        "as a regression, kept as any round).",
+    )
     train_tasks: Optional[int] = Field(
         8, ge=1, description="Train games (WebShop: goals) played per round (the first N); unset: all (paper: all)."
     )

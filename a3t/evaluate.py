@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, model_validator
 
@@ -125,6 +125,46 @@ def is_new_champion(score: float, champion_score: float | None) -> bool:
     """A round becomes the champion when there is none yet or it is strictly better (a tie keeps
     the earlier, cheaper-to-reach round)."""
     return champion_score is None or score > champion_score
+
+
+class Decision(BaseModel):
+    """What the champion gate made of a round: accepted, rejected (its data rolled back to the
+    champion's, its adapter never played again) or kept despite a regression
+    (``pipeline.on_regression=keep``). Round summaries written before the gate read as accepted."""
+
+    verdict: Literal["accepted", "rejected", "kept"] = "accepted"
+    reason: str = ""
+    champion_round: int | None = None  # the champion it was compared with; None: there was none
+
+
+def regressed(rates: Rates, champion: Rates, tolerance: float | None) -> bool:
+    """Whether ``rates`` fell below the champion's first-attempt success by more than
+    ``tolerance`` (a fraction), or, with None, by more than the noise: the two 95% intervals
+    do not overlap."""
+    if tolerance is None:
+        return rates.success_ci[1] < champion.success_ci[0]
+    return champion.success - rates.success > tolerance + 1e-9  # 1e-9: a drop of exactly the tolerance passes
+
+
+def judge_round(
+    split: str, rates: SplitRates | None, champion_round: int | None, champion: SplitRates | None,
+    tolerance: float | None, on_regression: str,
+) -> Decision:
+    """The champion gate: a round that regressed against the champion on the held-out ``split``
+    is rejected (``on_regression`` rollback or stop) or kept (keep); any other is accepted."""
+    if champion_round is None or champion is None or rates is None or not regressed(rates, champion, tolerance):
+        return Decision(champion_round=champion_round)
+    margin = "beyond both 95% intervals" if tolerance is None else f"by more than {tolerance:.1%}"
+    reason = (f"{split} first-attempt success {rate_text(rates.successes, rates.tasks, rates.success_ci)} fell "
+              f"below champion round {champion_round}'s "
+              f"{rate_text(champion.successes, champion.tasks, champion.success_ci)} {margin}")
+    return Decision(verdict="kept" if on_regression == "keep" else "rejected", reason=reason,
+                    champion_round=champion_round)
+
+
+def rate_text(successes: int, tasks: int, ci: tuple[float, float]) -> str:
+    """``3/24 = 12.5% [4.3–31.0]``: a rate with its counts and 95% interval."""
+    return f"{successes}/{tasks} = {successes / tasks if tasks else 0:.1%} [{100 * ci[0]:.1f}–{100 * ci[1]:.1f}]"
 
 
 def split_metrics(split: str, rates: SplitRates) -> dict[str, float]:

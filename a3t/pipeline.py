@@ -29,7 +29,8 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from a3t.config import Config
-from a3t.evaluate import SplitRates
+from a3t.envs.spec import env_spec
+from a3t.evaluate import Decision, SplitRates, held_out_score, is_new_champion, rate_text
 from a3t.progress import rollout_bar
 from a3t.trajectory import Trajectory, TrajectoryStore
 
@@ -93,6 +94,7 @@ class RoundSummary(BaseModel):
     time_s: dict[str, float] = Field(default_factory=dict)  # seconds per stage (STAGES)
     tracking: dict[str, str] = Field(default_factory=dict)  # the MLflow runs: campaign_run, round_run
     registered: dict[str, Any] | None = None  # the adapter's model version, and whether it is the champion
+    decision: Decision = Field(default_factory=Decision)  # the champion gate's (a3t.evaluate.judge_round)
 
 
 @dataclass(frozen=True)
@@ -122,10 +124,18 @@ class Workspace:
         return self.round_run(k) / "train" / "adapter"
 
     def finished_rounds(self) -> list[int]:
-        """Rounds whose data and results are both there (a rollback removes later rounds' data)."""
+        """Rounds whose results are there, and their data unless the champion gate rejected them
+        (``a3t rollback`` removes later rounds' data: they are redone; a rejected round's data
+        goes with the gate's rollback, and the round stays on record)."""
         runs = self.root / "data" / "runs" / self.campaign
         done = [int(p.parent.name.split("_")[1]) for p in runs.glob("round_*/round.json")]
-        return sorted(k for k in done if self.round_data(k).is_dir())
+        return sorted(k for k in done if self.round_data(k).is_dir() or k in self.rejected_rounds())
+
+    def rejected_rounds(self) -> set[int]:
+        """Rounds the champion gate rejected: their adapters never play again."""
+        runs = self.root / "data" / "runs" / self.campaign
+        return {int(p.parent.name.split("_")[1]) for p in runs.glob("round_*/round.json")
+                if RoundSummary.model_validate_json(p.read_text()).decision.verdict == "rejected"}
 
     def next_round(self) -> int:
         """The first round not finished: a crashed round is resumed, a finished one never redone."""
@@ -179,8 +189,6 @@ def train_tasks(cfg: Config, ws: Workspace) -> list[Task]:
     """The train tasks a round plays: ``pipeline.train_tasks`` train games (spread over task types)
     or WebShop train goals, those after the ones whose walkthroughs round 0 annotates (their
     successes are in the data already: playing them again would teach little new)."""
-    from a3t.envs.spec import env_spec
-
     first, n = cfg.pipeline.annotate_walkthroughs, cfg.pipeline.train_tasks
     end = None if n is None else first + n
     return env_spec(cfg.env.name).tasks(cfg, ws.path(cfg.games.root), "train", end)[first:]
@@ -201,8 +209,6 @@ def annotate_walkthroughs(cfg: Config, ws: Workspace, round_: int) -> dict:
     """ActRe writes the thoughts of the planner walkthroughs of the first
     ``pipeline.annotate_walkthroughs`` train games (spread over task types), or of an oracle's
     walkthroughs of as many WebShop train goals."""
-    from a3t.envs.spec import env_spec
-
     tasks = env_spec(cfg.env.name).walkthroughs(cfg, ws.path(cfg.games.root), "train", cfg.pipeline.annotate_walkthroughs)
     store = TrajectoryStore(ws.round_data(round_) / "annotated.jsonl")
     return _stats(annotate(cfg, tasks, store, round_, f"round {round_}: annotate walkthroughs"), store)
@@ -249,10 +255,11 @@ def shows_example(cfg: Config, adapter: str | Path | None) -> bool:
 
 def policy_adapter(ws: Workspace, round_: int) -> Path | None:
     """The policy after round k: the adapter of the latest round <= k that trained one (a round
-    whose data had no success trains none), or None for the base model. Round k plays with
-    ``policy_adapter(ws, k - 1)``."""
+    whose data had no success trains none) and was not rejected by the champion gate, or None
+    for the base model. Round k plays with ``policy_adapter(ws, k - 1)``."""
+    rejected = ws.rejected_rounds()
     for k in range(round_, -1, -1):
-        if (ws.adapter(k) / "adapter_config.json").is_file():
+        if k not in rejected and (ws.adapter(k) / "adapter_config.json").is_file():
             return ws.adapter(k)
     return None
 
@@ -334,3 +341,72 @@ def train_policy(cfg: Config, trajectories: list, out: Path, round_: int, previo
     epochs = t.epochs_first_round if round_ == 0 else t.epochs_later_rounds
     start = None if t.from_base_each_round else previous
     return train_adapter(examples, base, out, t, epochs, init_adapter=start, device=cfg.llm.device)
+
+
+def champion_round(cfg: Config, ws: Workspace) -> int | None:
+    """The finished, not rejected round with the best first-attempt success on the held-out split
+    (the earliest on ties: a3t.evaluate.is_new_champion); None before any round finished."""
+    best, best_score = None, None
+    for k in ws.finished_rounds():
+        summary = ws.round_summary(k)
+        if summary.decision.verdict == "rejected":
+            continue
+        _, score = held_out_score(cfg.env.name, summary.eval)
+        if is_new_champion(score, best_score):
+            best, best_score = k, score
+    return best
+
+
+def judge(cfg: Config, ws: Workspace, round_: int, rates: dict[str, SplitRates]) -> Decision:
+    """The champion gate on round k's evaluation, against the champion of the rounds before it."""
+    from a3t.evaluate import judge_round
+
+    split = env_spec(cfg.env.name).held_out_split
+    champion = champion_round(cfg, ws)
+    champion_rates = ws.round_summary(champion).eval.get(split) if champion is not None else None
+    p = cfg.pipeline
+    return judge_round(split, rates.get(split), champion, champion_rates, p.regression_tolerance, p.on_regression)
+
+
+def rounds_to_roll_back(cfg: Config, ws: Workspace) -> tuple[int, list[int]] | None:
+    """After the gate rejected a round whose data is still there: the champion round whose dataset
+    the workspace goes back to, and the rounds whose data goes with the rollback (the rejected
+    ones, and accepted rounds after the champion; those are marked rejected here, with why).
+    None when there is nothing to roll back. Safe to call again after a crash."""
+    finished = ws.finished_rounds()
+    pending = [k for k in ws.rejected_rounds() if ws.round_data(k).is_dir()]
+    if not pending:
+        return None
+    champion = champion_round(cfg, ws)
+    if champion is None:
+        raise ValueError(f"campaign {ws.campaign}: round {max(pending)} was rejected but no round is its champion")
+    last = max(pending)
+    for k in finished:
+        if champion < k < last and ws.round_data(k).is_dir():
+            summary = ws.round_summary(k)
+            if summary.decision.verdict != "rejected":
+                summary.decision = Decision(verdict="rejected", champion_round=champion,
+                                            reason=f"rolled back with round {last} to champion round {champion}")
+                ws.finish_round(k, summary)
+    return champion, [k for k in finished if k > champion and ws.round_data(k).is_dir()]
+
+
+def campaign_rows(cfg: Config, ws: Workspace) -> list[dict[str, str]]:
+    """One row per finished round, as text: the gate's decision, each split's first-attempt success
+    and success within k with their 95% intervals, the training set, the DVC tag and the MLflow
+    run. ``a3t status`` prints them; each flow run publishes them as a Prefect table artifact."""
+    rows = []
+    for k in ws.finished_rounds():
+        s = ws.round_summary(k)
+        row = {"round": str(k), "decision": s.decision.verdict}
+        for split in cfg.eval.splits:
+            r = s.eval.get(split)
+            row[f"{split} 1st"] = rate_text(r.successes, r.tasks, r.success_ci) if r else "-"
+            within = round(r.success_within_k * r.tasks) if r else 0
+            row[f"{split} ≤{cfg.eval.attempts}"] = rate_text(within, r.tasks, r.success_within_k_ci) if r else "-"
+        row["train set"] = str(s.data.train_set_size)
+        row["DVC tag"] = s.version.get("tag", "-")
+        row["MLflow run"] = s.tracking.get("round_run", "-")
+        row["why"] = s.decision.reason
+        rows.append(row)
+    return rows

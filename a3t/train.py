@@ -232,6 +232,7 @@ def train_adapter(
         "loss_per_epoch": [sum(v) / len(v) for _, v in sorted(losses.items())],
         "averaged_checkpoints": [p.name for p in last],
         "resumed_from": Path(resume).name if resume else None,
+        "init_adapter": str(init_adapter) if init_adapter is not None else None,  # continued from (lineage)
         "wall_s": time.perf_counter() - started,
     }
     (adapter / "train_stats.json").write_text(json.dumps(stats, indent=2))

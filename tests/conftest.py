@@ -1,3 +1,6 @@
+import os
+import subprocess
+
 import pytest
 
 from a3t.envs.alfworld_gen import TASK_TYPES, game_jobs, generate_games
@@ -32,3 +35,19 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """The environment of an `a3t` subprocess: its own Prefect home, offline, the workspace's MLflow store."""
+    home = tmp_path_factory.mktemp("prefect-home")
+    return dict(os.environ, PREFECT_HOME=str(home), HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1",
+                MLFLOW_TRACKING_URI="", COLUMNS="200")
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory):
+    """A fresh git repository for a module's campaign."""
+    root = tmp_path_factory.mktemp("workspace")
+    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
+    return root

@@ -23,18 +23,9 @@ CAMPAIGN = "default"
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    home = tmp_path_factory.mktemp("prefect-home")
-    return dict(os.environ, PREFECT_HOME=str(home), HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1",
-                MLFLOW_TRACKING_URI="", COLUMNS="200")
-
-
-@pytest.fixture(scope="module")
-def ws(tmp_path_factory):
-    root = tmp_path_factory.mktemp("workspace")
-    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
-    (root / "notes.txt").write_text("a user's own file, never committed or touched\n")
-    return root
+def ws(ws):
+    (ws / "notes.txt").write_text("a user's own file, never committed or touched\n")
+    return ws
 
 
 # The smoke campaign, with round 0 trained for 4 epochs: the kill point "an epoch checkpointed"
@@ -170,7 +161,8 @@ def test_mlflow_has_one_run_per_round_with_metrics_per_step(ws):
 
 def test_status_shows_the_rounds_and_the_champion_without_starting_anything(ws, env):
     out = finish(a3t(ws, env, "status", "--profile", "smoke", f"pipeline.campaign={CAMPAIGN}"), timeout=120)
-    assert f"campaign {CAMPAIGN}: success rates" in out and f"a3t/{CAMPAIGN}/round-1" in out
+    assert f"campaign {CAMPAIGN}: rounds" in out and f"a3t/{CAMPAIGN}/round-1" in out
+    assert "last round: 1, accepted" in out
     assert "champion: round " in out and "no run holds this workspace" in out
     assert "Prefect" not in out  # nothing started
 

@@ -445,10 +445,22 @@ def status_command(
     """The campaign of this workspace: its rounds' success rates, the champion adapter, and the run
     that holds the workspace if one does. Reads files and the MLflow store; starts nothing."""
     from a3t.orchestration.tracking import champion
+    from a3t.pipeline import Workspace, campaign_rows
     from a3t.versioning import lock_holder
 
     cfg = _config(config, overrides or [], profile)
-    _report_campaign(cfg, None)
+    ws = Workspace.of(cfg)
+    rows = campaign_rows(cfg, ws)  # the table each flow run publishes as a Prefect artifact
+    columns = [name for name in (rows[0] if rows else ["round"]) if name != "why"]  # the reasons go below it
+    table = Table(*[Column(name, overflow="fold") for name in columns], title=f"campaign {ws.campaign}: rounds")
+    for row in rows:
+        table.add_row(*[row[name] for name in columns])
+    console.print(table)
+    for row in rows:
+        if row["why"]:
+            console.print(f"round {row['round']} {row['decision']}: {row['why']}")
+    if rows:
+        console.print(f"last round: {rows[-1]['round']}, {rows[-1]['decision']}")
     best = champion(Path.cwd(), cfg.pipeline.campaign)
     console.print("champion: " + (f"round {best['round']} (model version {best['version']}, "
                                   f"first-attempt success {best['score']:.1%})" if best else "none yet"))
@@ -470,7 +482,7 @@ def _report_campaign(cfg: Config, wall_s: float | None) -> None:
                   *[Column(f"{split}\ngames\n1st [95% CI]\n≤{cfg.eval.attempts} [95% CI]", no_wrap=True)
                     for split in cfg.eval.splits],
                   *([f"{split} score\n1st / ≤{cfg.eval.attempts}" for split in cfg.eval.splits] if scored else []),
-                  Column("DVC tag", overflow="fold"), title=f"campaign {ws.campaign}: success rates")
+                  Column("DVC tag", overflow="fold"), "gate", title=f"campaign {ws.campaign}: success rates")
     for k in rounds:
         s = ws.round_summary(k)
         c = s.data.collected
@@ -480,7 +492,7 @@ def _report_campaign(cfg: Config, wall_s: float | None) -> None:
         table.add_row(str(k), "/".join(str(c.get(source, 0)) for source in ("policy", "explored", "annotated")),
                       f"{losses[-1]:.3f}" if losses else "-",
                       *[_split_cell(s.eval[sp]) if sp in s.eval else "-" for sp in cfg.eval.splits],
-                      *scores, s.version.get("tag", "-"))
+                      *scores, s.version.get("tag", "-"), s.decision.verdict)
     console.print(table)
     _report_stage_times(ws, rounds)
     if wall_s is not None:

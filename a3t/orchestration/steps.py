@@ -9,6 +9,7 @@ Tasks that call an LLM get ``pipeline.llm_task_retries`` retries from the flow.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from prefect import task
@@ -19,6 +20,7 @@ from a3t import pipeline, versioning
 from a3t.config import Config
 from a3t.envs.spec import env_spec
 from a3t.orchestration import tracking
+from a3t.evaluate import Decision
 from a3t.pipeline import RoundSummary, Workspace
 
 # No log_prints: Fast Downward prints its translation log on every game load (it captures
@@ -128,9 +130,35 @@ def start_tracking(cfg: Config, root: str, round_: int) -> tuple[str, str]:
     return parent, tracking.round_run(ws.root, ws.campaign, round_, parent, config)
 
 
+@step(name="champion gate")
+def judge(cfg: Config, root: str, round_: int, evals: dict[str, dict]) -> Decision:
+    """Accept round k, or reject it (or keep it, marked) when it regressed against the champion."""
+    rates = {split: evaluation.SplitRates.model_validate(r) for split, r in evals.items()}
+    return pipeline.judge(cfg, _ws(cfg, root), round_, rates)
+
+
+@step(name="roll back rejected rounds")
+def roll_back_rejected(cfg: Config, root: str) -> dict | None:
+    """The dataset back to the champion round's DVC tag (checked by hash) when the gate rejected a
+    round whose data is still there; their MLflow runs and model versions marked. None: nothing to do."""
+    ws = _ws(cfg, root)
+    todo = pipeline.rounds_to_roll_back(cfg, ws)
+    if todo is None:
+        return None
+    champion, rounds = todo
+    version = versioning.rollback(ws.root, ws.round_summary(champion).version["tag"], versioned_paths(cfg, ws))
+    for k in rounds:
+        summary = ws.round_summary(k)
+        if run_id := summary.tracking.get("round_run"):
+            tracking.record_decision(ws.root, run_id, k, summary.decision)
+    tracking.reject_versions_after(ws.root, ws.campaign, champion)
+    return {"champion_round": champion, "rolled_back": rounds, "tag": version.tag, "commit": version.commit}
+
+
 @step(name="register")
 def register(cfg: Config, root: str, round_: int, run_id: str, parent_id: str, summary: RoundSummary) -> dict:
-    """Round k's metrics, artifacts and adapter version in MLflow; champion moves on improvement."""
+    """Round k's metrics, artifacts, the gate's decision and (unless rejected) its adapter version
+    in MLflow; champion moves on improvement."""
     ws = _ws(cfg, root)
     tracking.log_round_metrics(ws.root, run_id, parent_id, round_, round_metrics(summary))
     files = sorted(ws.round_data(round_).glob("*.jsonl"))
@@ -138,8 +166,9 @@ def register(cfg: Config, root: str, round_: int, run_id: str, parent_id: str, s
     tracking.log_round_artifacts(ws.root, run_id, ws.adapter(round_) if trained else None, files,
                                  cfg.pipeline.trajectory_sample)
     tracking.log_success_plot(ws.root, ws.campaign, run_id, parent_id)
+    tracking.record_decision(ws.root, run_id, round_, summary.decision)
     version, champion = None, False
-    if trained:
+    if trained and summary.decision.verdict != "rejected":
         split, score = evaluation.held_out_score(cfg.env.name, summary.eval)
         version, champion = tracking.register_adapter(ws.root, ws.campaign, run_id, round_, score,
                                                       score_name=tracking.success_key(split))
@@ -155,6 +184,7 @@ def round_metrics(summary: RoundSummary) -> dict[str, float]:
         metrics["train/loss"] = summary.train.loss_per_epoch[-1]
     metrics["rollout/tokens_per_s"] = summary.rollout_tokens_per_s
     metrics["round/wall_s"] = summary.wall_s
+    metrics["round/rejected"] = float(summary.decision.verdict == "rejected")  # the champion gate's
     metrics |= {f"time/{stage}_s": seconds for stage, seconds in summary.time_s.items()}
     # ActRe's verdicts over the round's rollouts and walkthrough annotation, when they count them.
     played = summary.rollout + ([summary.annotate] if summary.annotate else [])
@@ -175,3 +205,16 @@ def end_tracking(cfg: Config, root: str, run_id: str, status: str = "FINISHED") 
 @step(name="finish round")
 def finish_round(cfg: Config, root: str, round_: int, summary: RoundSummary) -> None:
     _ws(cfg, root).finish_round(round_, summary)
+
+
+@step(name="publish round table")
+def publish_table(cfg: Config, root: str) -> None:
+    """The campaign's rounds (pipeline.campaign_rows) as this flow run's Prefect table artifact,
+    under a key per campaign, so that the UI's Artifacts page keeps every night's version."""
+    from prefect.artifacts import create_table_artifact
+
+    ws = _ws(cfg, root)
+    key = "a3t-" + re.sub(r"[^a-z0-9-]+", "-", ws.campaign.lower()) + "-rounds"
+    champion = pipeline.champion_round(cfg, ws)
+    create_table_artifact(pipeline.campaign_rows(cfg, ws), key=key,
+                          description=f"a3t campaign {ws.campaign} in {ws.root.resolve()}: champion round {champion}")

@@ -15,7 +15,9 @@ run instead of opening a second one:
            nested under the parent (mlflow.parentRunId).
 ``a3t rollback`` to round k marks the runs of rounds > k ``a3t.rolled_back=true`` (status
 KILLED, name "round-<k> (rolled back)"); lookups skip them, so the next run of round k+1 gets
-a new run.
+a new run. The champion gate tags each round run ``a3t.decision`` (accepted, rejected, kept),
+``a3t.decision_reason`` and ``a3t.champion_round``; a rejected run is named "round-<k>
+(rejected)", stays FINISHED (the round is on record, not redone) and registers no model version.
 
 Metric names (step = round, on the round run and on the parent, whose charts then show
 the campaign's curves):
@@ -64,7 +66,7 @@ from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_TAG_VAL_LENGTH  # 
 from pydantic import BaseModel  # noqa: E402
 
 from a3t.config import CAMPAIGN_NAME  # noqa: E402
-from a3t.evaluate import is_new_champion  # noqa: E402
+from a3t.evaluate import Decision, is_new_champion  # noqa: E402
 from a3t.trajectory import Trajectory, TrajectoryStore  # noqa: E402
 
 if _MLFLOW_IMPORTED_BEFORE:
@@ -82,6 +84,7 @@ TAG_CAMPAIGN = "a3t.campaign"
 TAG_ROUND = "a3t.round"
 TAG_SCORE = "a3t.score"
 TAG_ROLLED_BACK = "a3t.rolled_back"
+TAG_DECISION = "a3t.decision"
 TAG_CHANGED = "a3t.changed."  # + param key: a value that differs from the logged (immutable) param
 PARENT_TAG = "mlflow.parentRunId"
 NOTE_TAG = "mlflow.note.content"  # the run's description in the UI
@@ -579,6 +582,26 @@ def abandon_rounds_after(
         client.set_tag(parent.info.run_id, "a3t.last_rollback", f"to round {round_} on {when}")
     _roll_back_versions(client, model_name(campaign, experiment), round_)
     return abandoned
+
+
+def record_decision(workspace: str | Path, run_id: str, round_: int, decision: Decision) -> None:
+    """The champion gate's decision on a round's run: tags, and for a rejected round its name and
+    note say so (the comparison view then shows it beside the champion)."""
+    client = _client(workspace)
+    tags = [RunTag(TAG_DECISION, decision.verdict), RunTag(f"{TAG_DECISION}_reason", decision.reason[:MAX_TAG_VAL_LENGTH]),
+            RunTag("a3t.champion_round", "" if decision.champion_round is None else str(decision.champion_round))]
+    if decision.verdict != "accepted":
+        tags.append(RunTag(NOTE_TAG, f"Round {round_} {decision.verdict} by the champion gate: {decision.reason}"))
+    client.log_batch(run_id, tags=tags)
+    if decision.verdict == "rejected":
+        client.update_run(run_id, name=f"round-{round_} (rejected)")
+
+
+def reject_versions_after(workspace: str | Path, campaign: str, round_: int, experiment: str = EXPERIMENT) -> None:
+    """After the gate rolled the dataset back to champion round ``round_``: the model versions of
+    later rounds are marked rolled back, and the aliases move back to live versions."""
+    _check_campaign(campaign)
+    _roll_back_versions(_client(workspace), model_name(campaign, experiment), round_)
 
 
 def _roll_back_versions(client: MlflowClient, name: str, round_: int) -> None:

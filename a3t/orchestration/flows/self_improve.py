@@ -1,5 +1,10 @@
 """The self-improvement flow (ALFWorld or WebShop, by ``env.name``): rounds of rollout → ActRe exploration → filter → DVC version →
-QLoRA training → evaluation → MLflow, from the first unfinished round of the campaign.
+QLoRA training → evaluation → champion gate → MLflow, from the first unfinished round of the campaign.
+
+The gate (a3t.evaluate.judge_round) rejects a round whose held-out success fell below the
+champion's (``pipeline.regression_tolerance``); with ``pipeline.on_regression=rollback`` the
+dataset goes back to the champion's DVC tag and the next round starts from its data and adapter.
+Each run publishes the campaign's rounds as a Prefect table artifact.
 
 A rerun after a crash resumes the unfinished round at its first unfinished step; a
 scheduled run (``a3t serve``) adds ``more_rounds`` rounds after the last finished one.
@@ -41,9 +46,18 @@ def self_improve(
             steps.generate_games(cfg, workspace)
         first = ws.next_round()
         last = cfg.pipeline.rounds if more_rounds is None else first + more_rounds
-        summaries = [run_round(cfg, workspace, k) for k in range(first, last)]
+        summaries = []
+        try:
+            for k in range(first, last):
+                summaries.append(run_round(cfg, workspace, k))
+                if _regression_stop(cfg, summaries[-1]):
+                    break
+        finally:
+            steps.publish_table(cfg, workspace)
         if summaries:
             steps.end_tracking(cfg, workspace, summaries[-1].tracking["campaign_run"])
+            if stop := _regression_stop(cfg, summaries[-1]):
+                raise stop
         return summaries
 
 
@@ -70,7 +84,25 @@ def one_round(
         steps.prepare_workspace(cfg, workspace)
         if env_spec(cfg.env.name).has_games:
             steps.generate_games(cfg, workspace)
-        return run_round(cfg, workspace, k)
+        try:
+            summary = run_round(cfg, workspace, k)
+        finally:
+            steps.publish_table(cfg, workspace)
+        if stop := _regression_stop(cfg, summary):
+            raise stop
+        return summary
+
+
+class RegressionStop(RuntimeError):
+    """A round was rejected and ``pipeline.on_regression=stop``: this run ends as failed."""
+
+
+def _regression_stop(cfg: Config, summary: RoundSummary) -> RegressionStop | None:
+    if summary.decision.verdict != "rejected" or cfg.pipeline.on_regression != "stop":
+        return None
+    return RegressionStop(f"round {summary.round} rejected ({summary.decision.reason}); its dataset was rolled "
+                          f"back, and pipeline.on_regression=stop ends this run: the next run continues from "
+                          f"champion round {summary.decision.champion_round}")
 
 
 @contextmanager
@@ -113,6 +145,7 @@ def task_runner(cfg: PipelineConfig):
 
 def run_round(cfg: Config, workspace: str, k: int) -> RoundSummary:
     """One round, step after step (rollout shards run concurrently on the task runner)."""
+    steps.roll_back_rejected(cfg, workspace)  # one a crash left undone
     parent_id, run_id = steps.start_tracking(cfg, workspace, k)
     try:
         return _round_steps(cfg, workspace, k, parent_id, run_id)
@@ -154,6 +187,7 @@ def _round_steps(cfg: Config, workspace: str, k: int, parent_id: str, run_id: st
         train = steps.train(cfg, workspace, k)
     with _timed(times, "eval"):
         evals = {split: steps.evaluate.with_options(**llm_step)(cfg, workspace, k, split) for split in cfg.eval.splits}
+    decision = steps.judge(cfg, workspace, k, evals)
     tokens = sum(p["completion_tokens"] for p in played)
     seconds = sum(p["completion_tokens"] / p["tokens_per_s"] for p in played if p["tokens_per_s"] > 0)
     summary = RoundSummary(
@@ -161,8 +195,24 @@ def _round_steps(cfg: Config, workspace: str, k: int, parent_id: str, run_id: st
         rollout_tokens_per_s=tokens / seconds if seconds else 0.0, data=data, version=version, train=train,
         eval=evals, wall_s=time.perf_counter() - started,
         time_s={stage: times[stage] for stage in STAGES if stage in times},
-        tracking={"campaign_run": parent_id, "round_run": run_id},
+        tracking={"campaign_run": parent_id, "round_run": run_id}, decision=decision,
     )
     summary.registered = steps.register(cfg, workspace, k, run_id, parent_id, summary)
     steps.finish_round(cfg, workspace, k, summary)
+    rolled = steps.roll_back_rejected(cfg, workspace) if decision.verdict == "rejected" else None
+    _log_decision(summary, rolled)
     return summary
+
+
+def _log_decision(summary: RoundSummary, rolled: dict | None) -> None:
+    """The gate's decision on a round, as one line of the run's log."""
+    d, k = summary.decision, summary.round
+    if d.verdict == "accepted":
+        against = "the first round" if d.champion_round is None else f"champion round {d.champion_round}"
+        get_run_logger().info(f"round {k}: accepted (compared with {against})")
+    elif d.verdict == "kept":
+        get_run_logger().warning(f"round {k}: kept despite a regression (pipeline.on_regression=keep): {d.reason}")
+    else:
+        back = f"; dataset rolled back to {rolled['tag']}" if rolled else ""
+        get_run_logger().warning(f"round {k}: rejected: {d.reason}{back}; the next round starts from round "
+                                 f"{d.champion_round}'s data and adapter")
