@@ -12,6 +12,7 @@ The Trainer brings gradient accumulation, epoch checkpoints, resuming and multi-
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import shutil
@@ -124,6 +125,18 @@ def average_adapters(folders: list[Path], out: Path) -> Path:
     return out
 
 
+class TrainingWriteError(OSError):
+    """A checkpoint or the adapter could not be written for lack of space; whole checkpoints are kept."""
+
+
+def _disk_full(path: Path, error: Exception) -> bool:
+    # torch.save and safetensors report a full disk as RuntimeError or SafetensorError, not OSError.
+    text = str(error)
+    if getattr(error, "errno", None) == errno.ENOSPC or "No space left" in text or "os error 28" in text:
+        return True
+    return shutil.disk_usage(path).free < 1 << 20
+
+
 def last_complete_checkpoint(checkpoints: Path) -> str | None:
     """The last checkpoint that was written whole, to resume from. The Trainer writes a
     checkpoint's trainer_state.json last, so a process killed while saving leaves a folder
@@ -212,12 +225,19 @@ def train_adapter(
     trainer = A3TTrainer(model=model, args=args, train_dataset=ExampleDataset(examples),
                          data_collator=Collator(tokenizer.pad_token_id))
     resume = last_complete_checkpoint(checkpoints)
-    trainer.train(resume_from_checkpoint=resume)
-
     adapter = out_dir / "adapter"
-    last = sorted(checkpoints.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))[-cfg.average_last :]
-    average_adapters(last, adapter)
-    tokenizer.save_pretrained(str(adapter))
+    try:
+        trainer.train(resume_from_checkpoint=resume)
+        last = sorted(checkpoints.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))[-cfg.average_last :]
+        average_adapters(last, adapter)
+        tokenizer.save_pretrained(str(adapter))
+    except Exception as e:
+        if not _disk_full(out_dir, e):
+            raise
+        raise TrainingWriteError(
+            f"{out_dir}: the disk is full ({e}); the checkpoints written whole are kept (the last: "
+            f"{last_complete_checkpoint(checkpoints) or 'none yet'}): free some space and rerun, training resumes from it"
+        ) from e
     losses: dict[int, list[float]] = {}
     for entry in trainer.state.log_history:
         if "loss" in entry:

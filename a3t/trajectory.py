@@ -9,6 +9,7 @@ beside the store when the store is next opened, so nothing is silently dropped.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from collections.abc import Iterator
@@ -67,6 +68,10 @@ class TrajectoryFileError(ValueError):
     """A line of a trajectory file that is not a valid record; the message has file:line."""
 
 
+class TrajectoryWriteError(OSError):
+    """An episode could not be written (the disk is full, say); the store's file is unchanged."""
+
+
 class TrajectoryStore:
     """Append-only JSONL file of Trajectory records, keyed by episode_id."""
 
@@ -90,8 +95,17 @@ class TrajectoryStore:
         line = (trajectory.model_dump_json() + "\n").encode()
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
-            os.write(fd, line)  # one write of one whole line
-            os.fsync(fd)
+            size = os.fstat(fd).st_size
+            try:
+                if os.write(fd, line) != len(line):  # one write of one whole line, or none
+                    raise OSError(errno.ENOSPC, "only part of the line was written")
+                os.fsync(fd)
+            except OSError as e:
+                os.ftruncate(fd, size)  # no torn line: the file is what it was
+                raise TrajectoryWriteError(
+                    f"{self.path}: episode {trajectory.episode_id} not written ({e.strerror or e}); the file "
+                    f"holds the {len(self._ids)} episodes it held, and a rerun resumes after them"
+                ) from e
         finally:
             os.close(fd)
         self._ids.add(trajectory.episode_id)

@@ -51,3 +51,22 @@ def ws(tmp_path_factory):
     root = tmp_path_factory.mktemp("workspace")
     subprocess.run(["git", "init", "-q"], cwd=root, check=True)
     return root
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 64 KiB file system (tmpfs) that fills up: skipped where mounting is not allowed.
+    Yields a function that gives it more room, as a user freeing space would."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(disk)], capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.strip()}")
+
+    def grow(size: str = "16m") -> None:
+        subprocess.run(["mount", "-o", f"remount,size={size}", str(disk)], check=True)
+
+    try:
+        yield disk, grow
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)

@@ -357,3 +357,22 @@ def test_training_dtype_is_bfloat16_where_the_hardware_has_it(monkeypatch):
     assert training_dtype(TrainConfig(), "cpu") == "float32"  # emulated bfloat16 would be slower
     monkeypatch.setattr(bitsandbytes.functional, "has_avx512bf16", lambda: True)
     assert training_dtype(TrainConfig(), "cpu") == "bfloat16"
+
+
+def test_a_full_disk_while_checkpointing_is_a_clear_error_and_the_rerun_resumes(fp32, tiny_model_dir, small_disk):
+    from a3t.train import TrainingWriteError
+
+    disk, grow = small_disk
+    grow("128k")  # room for one epoch's checkpoint (about 80 KiB), not for two
+    ex = short_examples(fp32[1], weights=(1.0, -0.5))
+    cfg = TrainConfig(load_in_4bit=False, lora_r=4, lora_alpha=8, lora_dropout=0.0, batch_size=1,
+                      gradient_accumulation=1, learning_rate=1e-3, optimizer="adamw_torch", average_last=2)
+    out = disk / "round_0" / "train"
+    with pytest.raises(TrainingWriteError, match="disk is full.*checkpoint-2.*resumes"):
+        train_adapter(ex, tiny_model_dir, out, cfg, epochs=2)
+    assert json.loads((out / "checkpoints" / "checkpoint-2" / "trainer_state.json").read_text())["global_step"] == 2
+
+    grow()
+    stats = train_adapter(ex, tiny_model_dir, out, cfg, epochs=2)
+    assert stats["resumed_from"] == "checkpoint-2" and stats["steps"] == 4
+    assert stats["averaged_checkpoints"] == ["checkpoint-2", "checkpoint-4"]

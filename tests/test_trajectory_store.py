@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from a3t.trajectory import Trajectory, TrajectoryFileError, TrajectoryStore
+from a3t.trajectory import StepRecord, Trajectory, TrajectoryFileError, TrajectoryStore, TrajectoryWriteError
 from factories import make_trajectory
 
 
@@ -120,3 +120,22 @@ def test_empty_and_blank_files(tmp_path):
     path.write_text("\n\n")
     store = TrajectoryStore(path)
     assert len(store) == 0 and list(store.read()) == [] and not store.quarantine.exists()
+
+
+def test_a_full_disk_loses_no_episode_and_leaves_no_torn_line(small_disk):
+    disk, grow = small_disk
+    store = TrajectoryStore(disk / "rollout-0.jsonl")
+    step = StepRecord(thought="I look around the room before I decide. " * 20, action="look", observation="Nothing.")
+    written = []
+    with pytest.raises(TrajectoryWriteError, match="not written.*a rerun resumes after them"):
+        for i in range(1000):
+            store.append(make_trajectory(task_id=f"train/t{i}/trial_0", steps=[step] * 3))
+            written.append(f"r0/train/t{i}/trial_0#a0")
+    assert written and (disk / "rollout-0.jsonl").read_bytes().endswith(b"\n")
+    rerun = TrajectoryStore(disk / "rollout-0.jsonl")
+    assert [t.episode_id for t in rerun.read()] == written  # every one, none torn (read raises on a bad line)
+    assert not rerun.quarantine.exists()
+
+    grow()  # space freed: the rerun goes on where it stopped
+    assert rerun.append(make_trajectory(task_id=f"train/t{len(written)}/trial_0"))
+    assert len(list(TrajectoryStore(disk / "rollout-0.jsonl").read())) == len(written) + 1
