@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -103,3 +104,48 @@ def test_a_run_that_finds_the_workspace_busy_skips_when_told(ws, env):
     finally:
         holder.kill()
         holder.wait()
+
+
+def _serve(model_dir, port: int) -> subprocess.Popen:
+    server = subprocess.Popen([sys.executable, "-m", "a3t.llm.server", str(model_dir), "--port", str(port)],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    assert "serving" in server.stdout.readline()
+    return server
+
+
+@pytest.mark.slow  # about 2.5 minutes
+def test_the_llm_server_killed_mid_rollout_and_restarted_loses_and_repeats_no_episode(ws, env, tiny_model_dir):
+    """A night's LLM server dies mid-rollout: the rollout task fails, Prefect retries it once the
+    server is back, and the round finishes with each train game played once."""
+    port = _free_port()
+    server = _serve(tiny_model_dir, port)
+    # No client retries: the task retry is what recovers; the round's model is the served one;
+    # one game at a time, so that the kill after the first stored game is mid-rollout.
+    args = ["round", "--profile", "smoke", "--round", "0", "llm.backend=openai", f"llm.model={tiny_model_dir}",
+            f"llm.base_url=http://127.0.0.1:{port}/v1", "llm.max_retries=0", "pipeline.llm_task_retries=3",
+            "pipeline.annotate_walkthroughs=0", "eval.splits=[valid_unseen]", "rollout.parallel_episodes=1"]
+    run = subprocess.Popen([sys.executable, "-m", "a3t", *args], cwd=ws, env=env, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    store = ws / "data" / "trajectories" / "default" / "round_0" / "rollout-0.jsonl"
+    try:
+        deadline = time.monotonic() + 300
+        while not (store.exists() and store.read_text().count("\n") >= 1):
+            assert run.poll() is None and time.monotonic() < deadline, "the rollout never wrote an episode"
+            time.sleep(0.05)
+        os.killpg(server.pid, signal.SIGKILL)  # mid-rollout: 1 of its 4 games stored
+        server.wait()
+        time.sleep(3)
+        server = _serve(tiny_model_dir, port)
+        out, _ = run.communicate(timeout=600)
+    finally:
+        os.killpg(server.pid, signal.SIGKILL)
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
+    assert run.returncode == 0, out[-4000:]
+    retried = [line for line in out.splitlines() if "Retry 1/3" in line]
+    assert any("Task run 'rollout-" in line and "LLMServerError" in line for line in retried), out[-4000:]
+    episodes = [json.loads(line) for line in store.read_text().splitlines()]
+    ids = [e["episode_id"] for e in episodes]
+    assert len(ids) == len(set(ids)), "an episode was stored twice"
+    assert len({e["task_id"] for e in episodes if e["attempt"] == 0}) == 4  # smoke: every train game's first attempt
+    assert (ws / "data" / "runs" / "default" / "round_0" / "round.json").is_file()
