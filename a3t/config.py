@@ -145,8 +145,9 @@ class LLMConfig(_Section):
     structured_output: Literal["json_schema", "guided_choice", "grammar"] = Field(
         "json_schema",
         description="openai: how the server is asked to restrict a constrained action to the admissible ones: "
-        "'json_schema' (response_format with an enum schema: vLLM, the llama.cpp server, OpenAI), "
-        "'guided_choice' (vLLM's structured_outputs choice) or 'grammar' (the llama.cpp server's GBNF grammar).",
+        "'json_schema' (response_format with an enum schema: vLLM, llama.cpp's llama-server, OpenAI), "
+        "'guided_choice' (vLLM's structured_outputs choice) or 'grammar' (a GBNF grammar: llama.cpp's "
+        "llama-server, and llama-cpp-python's server, which refuses json_schema).",
     )
 
 

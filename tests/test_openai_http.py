@@ -438,6 +438,18 @@ def test_server_that_ignores_the_constraint_is_an_error(form, monkeypatch):
     assert key not in message and "Bearer ***" in message
 
 
+def test_a_server_refusing_the_constraint_field_names_the_setting_to_change():
+    # What llama-cpp-python's server (0.3) answers to a json_schema response_format.
+    refusal = {"error": {"message": "1 validation error: ('body', 'response_format', 'type') Input should be "
+                                    "'text' or 'json_object'", "type": "internal_server_error"}}
+    with stdlib_server(lambda n, h: (500, refusal)) as (url, seen):
+        with pytest.raises(LLMServerError) as info:
+            OpenAICompatibleLLM(url, "m", max_retries=0, **FAST).complete([ACTION_CHAT], Sampling(), choices=[CHOICES])
+    message = str(info.value)
+    assert "HTTP 500" in message and "does not take llm.structured_output=json_schema" in message
+    assert "try llm.structured_output=guided_choice (vLLM) or grammar (" in message and "llama-cpp-python" in message
+
+
 def test_constrained_reply_cut_at_max_tokens_says_so():
     with stdlib_server(lambda n, h: (200, reply_with('"go to de', finish="length"))) as (url, seen):
         with pytest.raises(LLMServerError, match=r"stopped at max_tokens=3"):

@@ -13,10 +13,12 @@ Constrained chats (``choices``) carry the server's own structured-output constra
 form ``structured_output`` names, since servers understand different ones:
 
 * ``json_schema``: ``response_format`` with the schema ``{"type": "string", "enum": choices}``
-  (vLLM, the llama.cpp server, llama-cpp-python's server, OpenAI); the reply is that JSON string.
+  (vLLM, llama.cpp's llama-server, OpenAI); the reply is that JSON string. llama-cpp-python's
+  server (0.3) refuses it: use ``grammar`` there.
 * ``guided_choice``: vLLM's ``structured_outputs.choice``, and the same list as the older
   top-level ``guided_choice`` (removed in vLLM 0.12), so that old and new vLLM both get it.
-* ``grammar``: the llama.cpp server's GBNF ``grammar``, ``root ::= "a" | "b" | ...``.
+* ``grammar``: the GBNF ``grammar`` of llama.cpp's llama-server and of llama-cpp-python's server,
+  ``root ::= "a" | "b" | ...``.
 
 With the last two, a chat that continues its assistant message ("...Action:") gets each choice
 with the protocol's one space in front (" go to desk 1"), so the model writes the words with
@@ -230,9 +232,8 @@ class OpenAICompatibleLLM:
                 answer = decoded.strip()
         if answer in choices:
             return answer
-        others = " or ".join(f"{o} ({SERVERS[o]})" for o in STRUCTURED_OUTPUTS if o != self.structured_output)
         hint = (f"this server may not support {self.structured_output} structured output — "
-                f"try llm.structured_output={others}")
+                f"try llm.structured_output={self._other_forms()}")
         if finish == "length":  # a constrained reply cut short is not one of the choices either
             hint = f"the reply stopped at max_tokens={sampling.max_new_tokens}, maybe too few for the action; or {hint}"
         raise LLMServerError(
@@ -259,6 +260,7 @@ class OpenAICompatibleLLM:
                                  f"{self._redact(str(cause))} ({tries})") from None
         except openai.APIStatusError as exc:
             status, body = exc.status_code, self._error_snippet(exc.response)
+            body += self._constraint_hint(payload | extra, body)
             if status in (408, 409, 429) or status >= 500:
                 raise LLMServerError(f"LLM server at {self.url} answered HTTP {status}: {body} ({tries})") from None
             raise LLMServerError(f"LLM server at {self.url} refused the request with HTTP {status}: {body}") from None
@@ -268,6 +270,18 @@ class OpenAICompatibleLLM:
         except ValueError:
             raise LLMServerError(f"reply from LLM server at {self.url} (HTTP {reply.status_code}) is not JSON: "
                                  f"{self._snippet(reply.text)}") from None
+
+    def _other_forms(self) -> str:
+        return " or ".join(f"{o} ({SERVERS[o]})" for o in STRUCTURED_OUTPUTS if o != self.structured_output)
+
+    def _constraint_hint(self, payload: dict[str, Any], body: str) -> str:
+        """When a server refuses the constraint's own field (llama-cpp-python's server, say, takes
+        ``grammar`` but not a json_schema ``response_format``): which setting to change."""
+        fields = ("response_format", "grammar", "guided_choice", "structured_outputs")
+        if not any(f in payload and f in body for f in fields):
+            return ""
+        return (f" — the server does not take llm.structured_output={self.structured_output}: "
+                f"try llm.structured_output={self._other_forms()}")
 
     # -- keeping the key out of messages -------------------------------------------------------
 
@@ -296,7 +310,8 @@ class OpenAICompatibleLLM:
         return self._snippet(response.text)
 
 
-SERVERS = {"json_schema": "vLLM, llama.cpp, OpenAI", "guided_choice": "vLLM", "grammar": "llama.cpp"}
+SERVERS = {"json_schema": "vLLM, llama.cpp's llama-server, OpenAI", "guided_choice": "vLLM",
+           "grammar": "llama.cpp's llama-server, llama-cpp-python's server"}
 
 
 def gbnf_literal(text: str) -> str:
