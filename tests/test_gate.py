@@ -150,3 +150,10 @@ def test_the_next_run_starts_from_the_champion_and_stop_ends_it(ws, env):
     shown = " ".join(artifact.stdout.split())  # as printed, wrapped
     assert "'key': 'a3t-default-rounds'" in shown and "'type': 'table'" in shown, artifact.stdout[-2000:]
     assert '"decision": "rejected"' in shown and f"a3t/{CAMPAIGN}/round-2" in shown
+
+
+def test_a_rejected_rounds_tag_is_no_rollback_target(ws, env):
+    refused = subprocess.run([sys.executable, "-m", "a3t", "rollback", f"a3t/{CAMPAIGN}/round-1", "--profile", "smoke"],
+                             cwd=ws, env=env, capture_output=True, text=True, timeout=300)
+    assert refused.returncode != 0 and "which the champion gate rejected" in refused.stdout + refused.stderr
+    assert at_champion(ws)  # nothing touched
