@@ -19,8 +19,8 @@ from a3t import evaluate as evaluation
 from a3t import pipeline, versioning
 from a3t.config import Config
 from a3t.envs.spec import env_spec
-from a3t.orchestration import tracking
 from a3t.evaluate import Decision
+from a3t.orchestration import tracking
 from a3t.pipeline import RoundSummary, Workspace
 
 # No log_prints: Fast Downward prints its translation log on every game load (it captures
