@@ -482,17 +482,19 @@ def _report_campaign(cfg: Config, wall_s: float | None) -> None:
                   *[Column(f"{split}\ngames\n1st [95% CI]\n≤{cfg.eval.attempts} [95% CI]", no_wrap=True)
                     for split in cfg.eval.splits],
                   *([f"{split} score\n1st / ≤{cfg.eval.attempts}" for split in cfg.eval.splits] if scored else []),
-                  Column("DVC tag", overflow="fold"), "gate", title=f"campaign {ws.campaign}: success rates")
+                  Column("DVC tag", overflow="fold"), title=f"campaign {ws.campaign}: success rates")
     for k in rounds:
         s = ws.round_summary(k)
         c = s.data.collected
         losses = s.train.loss_per_epoch
         scores = [f"{s.eval[sp].score:.1f} / {s.eval[sp].score_within_k:.1f}" if sp in s.eval else "-"
                   for sp in cfg.eval.splits] if scored else []
-        table.add_row(str(k), "/".join(str(c.get(source, 0)) for source in ("policy", "explored", "annotated")),
+        # The champion gate's decision under the round, when it was not a plain accept.
+        verdict = "" if s.decision.verdict == "accepted" else f"\n{s.decision.verdict}"
+        table.add_row(f"{k}{verdict}", "/".join(str(c.get(source, 0)) for source in ("policy", "explored", "annotated")),
                       f"{losses[-1]:.3f}" if losses else "-",
                       *[_split_cell(s.eval[sp]) if sp in s.eval else "-" for sp in cfg.eval.splits],
-                      *scores, s.version.get("tag", "-"), s.decision.verdict)
+                      *scores, s.version.get("tag", "-"))
     console.print(table)
     _report_stage_times(ws, rounds)
     if wall_s is not None:
