@@ -29,6 +29,7 @@ def ws(tmp_path):
     return root
 
 
+@pytest.mark.slow  # about a minute: a local Dask cluster of 2 processes, each loading the model
 def test_one_round_with_rollout_shards_on_a_local_dask_cluster(ws, env):
     pytest.importorskip("prefect_dask")
     args = ["round", "--profile", "smoke", "--round", "0", "pipeline.task_runner=dask", "pipeline.rollout_shards=2",
