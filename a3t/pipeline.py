@@ -129,7 +129,8 @@ class Workspace:
         goes with the gate's rollback, and the round stays on record)."""
         runs = self.root / "data" / "runs" / self.campaign
         done = [int(p.parent.name.split("_")[1]) for p in runs.glob("round_*/round.json")]
-        return sorted(k for k in done if self.round_data(k).is_dir() or k in self.rejected_rounds())
+        rejected = self.rejected_rounds()
+        return sorted(k for k in done if self.round_data(k).is_dir() or k in rejected)
 
     def rejected_rounds(self) -> set[int]:
         """Rounds the champion gate rejected: their adapters never play again."""

@@ -134,7 +134,8 @@ def _disk_full(path: Path, error: Exception) -> bool:
     text = str(error)
     if getattr(error, "errno", None) == errno.ENOSPC or "No space left" in text or "os error 28" in text:
         return True
-    return shutil.disk_usage(path).free < 1 << 20
+    existing = next(p for p in (path, *path.parents) if p.exists())  # a failure may come before out_dir exists
+    return shutil.disk_usage(existing).free < 1 << 20
 
 
 def last_complete_checkpoint(checkpoints: Path) -> str | None:

@@ -376,3 +376,10 @@ def test_a_full_disk_while_checkpointing_is_a_clear_error_and_the_rerun_resumes(
     stats = train_adapter(ex, tiny_model_dir, out, cfg, epochs=2)
     assert stats["resumed_from"] == "checkpoint-2" and stats["steps"] == 4
     assert stats["averaged_checkpoints"] == ["checkpoint-2", "checkpoint-4"]
+
+
+def test_an_error_before_the_output_folder_exists_is_not_taken_for_a_full_disk(tmp_path):
+    from a3t.train import _disk_full
+
+    assert not _disk_full(tmp_path / "round_0" / "train", RuntimeError("a shape mismatch"))
+    assert _disk_full(tmp_path / "round_0" / "train", RuntimeError("No space left on device (os error 28)"))
