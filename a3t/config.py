@@ -129,7 +129,10 @@ class LLMConfig(_Section):
     )
     adapter: Optional[str] = Field(None, description="transformers: a peft adapter folder to apply.")
     load_in_4bit: bool = Field(False, description="transformers: load the weights in 4-bit nf4 (bitsandbytes).")
-    dtype: str = Field("float32", description="transformers: compute dtype (float32 on CPU; bfloat16 on GPU).")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="transformers: compute dtype. auto: bfloat16 on CUDA and on CPUs with native bfloat16 "
+        "(AVX512-BF16: rollouts about 2x faster), float32 on other CPUs (bfloat16 is emulated there, and slow).",
+    )
     device: str = Field("cpu", description="transformers: torch device.")
     draft_tokens: int = Field(
         4, ge=0, description="transformers: prompt-lookup draft tokens per decode step, checked by the model in the "

@@ -157,13 +157,9 @@ def last_complete_checkpoint(checkpoints: Path) -> str | None:
 
 def training_dtype(cfg: TrainConfig, device: str) -> str:
     """train.dtype with auto resolved for ``device``."""
-    if cfg.dtype != "auto":
-        return cfg.dtype
-    if device.startswith("cuda"):
-        return "bfloat16"
-    from bitsandbytes.functional import has_avx512bf16
+    from a3t.llm.models import compute_dtype
 
-    return "bfloat16" if has_avx512bf16() else "float32"
+    return compute_dtype(cfg.dtype, device)
 
 
 def _optimizer(cfg: TrainConfig, device: str) -> str:

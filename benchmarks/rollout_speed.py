@@ -58,15 +58,16 @@ from transformers.utils import logging as hf_logging
 
 import a3t.rollout as rollout_module
 from a3t.agent.actre import ActReAnnotator
-from a3t.agent.react import parse_turn, react_chat
+from a3t.agent.react import format_turn, parse_turn, react_chat
 from a3t.config import EnvConfig, RolloutConfig
+from a3t.envs import action_choices
 from a3t.envs.alfworld import AlfWorldEnv
 from a3t.envs.alfworld_gen import game_jobs, generate_games
-from a3t.llm.base import stop_after_action_line
-from a3t.llm.models import default_model_path, load_model
-from a3t.llm.transformers_llm import DRAFT_TOKENS, TransformersLLM, _Batch
 from a3t.envs.base import Task
-from a3t.rollout import rollout
+from a3t.llm.base import stop_after_action_line, stop_after_thought
+from a3t.llm.models import compute_dtype, default_model_path, load_model
+from a3t.llm.transformers_llm import DRAFT_TOKENS, TransformersLLM, _Batch
+from a3t.rollout import THOUGHT_START, _whole_reply, rollout
 from a3t.trajectory import StepRecord, TrajectoryStore
 
 console = Console(stderr=True)  # progress and tables on stderr; stdout ends with the JSON
@@ -99,7 +100,8 @@ def make_games(root: Path, count: int, seed: int) -> list[Path]:
 # --------------------------------------------------------------------------- ours
 
 
-def run_ours(games, llm: TransformersLLM, cfg: RolloutConfig, env_cfg: EnvConfig, profile: str | None) -> dict:
+def run_ours(games, llm: TransformersLLM, cfg: RolloutConfig, env_cfg: EnvConfig, profile: str | None,
+             action_mode: str) -> dict:
     forwards: list[tuple[str, int, int, float]] = []  # (phase, rows, new tokens per row, seconds)
     phase = ["prefill"]  # prefill forwards encode prompts (and shared prefixes); decode ones one token a row
     answers = [0]  # rows asked for a completion: each gets its first token from a prefill forward
@@ -151,7 +153,8 @@ def run_ours(games, llm: TransformersLLM, cfg: RolloutConfig, env_cfg: EnvConfig
                 last[0] = time.perf_counter()
                 if profiler:
                     profiler.enable()
-                stats = rollout(tasks, store, llm, annotator, cfg, env_cfg, on_progress=on_progress)
+                stats = rollout(tasks, store, llm, annotator, cfg, env_cfg, on_progress=on_progress,
+                                action_mode=action_mode)
                 if profiler:
                     profiler.disable()
             trajectories = {t.task_id: t for t in store.read()}
@@ -188,7 +191,8 @@ def run_ours(games, llm: TransformersLLM, cfg: RolloutConfig, env_cfg: EnvConfig
         "env_start_s": starts.wall,  # load + reset of each game
         "turn_median_s": statistics.median(turns) if turns else 0.0,
         "other_s": clock.wall - stats.llm_s - stats.env_s - starts.wall,
-        "actions": {task_id: [s.action for s in t.steps] for task_id, t in trajectories.items()},
+        "steps": {task_id: t.steps for task_id, t in trajectories.items()},
+        "tokens": {task_id: t.tokens["completion"] for task_id, t in trajectories.items()},
         "trajectories": trajectories,
     }
 
@@ -196,67 +200,115 @@ def run_ours(games, llm: TransformersLLM, cfg: RolloutConfig, env_cfg: EnvConfig
 # --------------------------------------------------------------------------- naive
 
 
-class _StopAtActionLine(StoppingCriteria):
-    """generate() stops a row once its text holds a complete action line: the rule ours uses."""
+class _StopRule(StoppingCriteria):
+    """generate() stops a row once its text meets ours' stop rule (the action line, or the end of
+    the thought when the action is constrained)."""
 
-    def __init__(self, tokenizer, prompt_length: int):
-        self.tokenizer, self.prompt_length = tokenizer, prompt_length
+    def __init__(self, tokenizer, prompt_length: int, rule):
+        self.tokenizer, self.prompt_length, self.rule = tokenizer, prompt_length, rule
 
     def __call__(self, input_ids, scores, **kwargs):
-        done = [stop_after_action_line(self.tokenizer.decode(row[self.prompt_length :], skip_special_tokens=True))
-                is not None for row in input_ids]
+        done = [self.rule(self.tokenizer.decode(row[self.prompt_length :], skip_special_tokens=True)) is not None
+                for row in input_ids]
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
 
-def run_naive(games, model, tokenizer, max_new_tokens: int, env_cfg: EnvConfig) -> dict:
-    end_ids = {i for i in (model.generation_config.eos_token_id, tokenizer.eos_token_id) if i is not None}
-    clock, starts, encode, generate, env_steps = _Clock(), _Clock(), _Clock(), _Clock(), _Clock()
-    prompt_tokens = completion_tokens = 0
+class _Naive:
+    """The loop a first implementation would write: each turn the whole history is rendered
+    with the chat template and completed by a plain ``model.generate``."""
+
+    def __init__(self, model, tokenizer, max_new_tokens: int, action_mode: str):
+        self.model, self.tokenizer, self.max_new_tokens, self.action_mode = model, tokenizer, max_new_tokens, action_mode
+        self.end_ids = [i for i in dict.fromkeys([model.generation_config.eos_token_id, tokenizer.eos_token_id])
+                        if i is not None]
+        self.prompt_tokens = self.completion_tokens = 0
+
+    def _generate(self, text: str, max_new_tokens: int, **kwargs) -> list[int]:
+        inputs = self.tokenizer(text, add_special_tokens=False, return_tensors="pt").to(self.model.device)
+        length = inputs["input_ids"].shape[1]
+        with torch.inference_mode():
+            out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                                      eos_token_id=self.end_ids, pad_token_id=self.tokenizer.pad_token_id, **kwargs)
+        new = [token for token in out[0, length:].tolist() if token not in self.end_ids]
+        self.prompt_tokens += length
+        self.completion_tokens += len(new)
+        return new
+
+    def turn(self, chat, env) -> tuple[str, str]:
+        """(thought, action) of one turn: the reply started with "Thought:" as ours does; a
+        constrained action is then generated under a prefix-allowed-tokens function."""
+        chat = chat + [{"role": "assistant", "content": THOUGHT_START}]
+        text = self.tokenizer.apply_chat_template(chat, tokenize=False, continue_final_message=True)
+        rule = stop_after_action_line if self.action_mode == "free" else stop_after_thought
+        length = len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        reply = self.tokenizer.decode(self._generate(text, self.max_new_tokens, stopping_criteria=StoppingCriteriaList(
+            [_StopRule(self.tokenizer, length, rule)])), skip_special_tokens=True)
+        cut = rule(reply)
+        parsed = parse_turn(_whole_reply(reply[:cut] if cut is not None else reply, True))
+        if self.action_mode == "free":
+            return parsed.thought, parsed.action
+        _, options = action_choices(env)
+        head = chat[:-1] + [{"role": "assistant", "content": format_turn(parsed.thought, "").rstrip()}]
+        return parsed.thought, self._choose(head, options)
+
+    def _choose(self, chat, options: list[str]) -> str:
+        """One of ``options``, each as the tokens it has in the whole rendered turn, up to the end of turn."""
+        text = self.tokenizer.apply_chat_template(chat, tokenize=False, continue_final_message=True)
+        prompt = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        sequences = {}
+        for option in options:
+            turn = chat[:-1] + [{"role": "assistant", "content": chat[-1]["content"] + " " + option}]
+            ids = self.tokenizer(self.tokenizer.apply_chat_template(turn, tokenize=False),
+                                 add_special_tokens=False)["input_ids"][len(prompt) :]
+            end = next((i for i, token in enumerate(ids) if token in self.end_ids), len(ids) - 1)
+            sequences.setdefault(tuple(ids[: end + 1]), option)
+
+        def allowed(_batch, input_ids):
+            done = tuple(input_ids[len(prompt) :].tolist())
+            return sorted({seq[len(done)] for seq in sequences if len(seq) > len(done) and seq[: len(done)] == done})
+
+        new = self._generate(text, max(len(seq) for seq in sequences), prefix_allowed_tokens_fn=allowed)
+        return next(option for seq, option in sequences.items() if [t for t in seq if t not in self.end_ids] == new)
+
+
+def run_naive(games, model, tokenizer, max_new_tokens: int, env_cfg: EnvConfig, action_mode: str) -> dict:
+    naive = _Naive(model, tokenizer, max_new_tokens, action_mode)
+    clock, starts, generate, env_steps = _Clock(), _Clock(), _Clock(), _Clock()
     step_times: list[float] = []
-    actions: dict[str, list[str]] = {}
+    played: dict[str, list[StepRecord]] = {}
+    tokens: dict[str, int] = {}
     with clock():
         for i, game in enumerate(games):
             with starts():
                 env = AlfWorldEnv(game, phrasing=env_cfg.phrasing, max_steps=env_cfg.max_steps)
                 first = env.reset()
             steps: list[StepRecord] = []
+            before = naive.completion_tokens
             while True:
                 t = time.perf_counter()
-                with encode():
-                    chat = react_chat(first.task_type, first.observation, steps, env.phrasing)
-                    inputs = tokenizer.apply_chat_template(chat, add_generation_prompt=True, return_dict=True,
-                                                           return_tensors="pt").to(model.device)
-                length = inputs["input_ids"].shape[1]
-                with generate(), torch.inference_mode():
-                    out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                                         pad_token_id=tokenizer.pad_token_id,
-                                         stopping_criteria=StoppingCriteriaList([_StopAtActionLine(tokenizer, length)]))
-                new = [token for token in out[0, length:].tolist() if token not in end_ids]
-                text = tokenizer.decode(new, skip_special_tokens=True)
-                cut = stop_after_action_line(text)
-                parsed = parse_turn(text[:cut] if cut is not None else text)
+                with generate():
+                    thought, action = naive.turn(react_chat(first.task_type, first.observation, steps, env.phrasing),
+                                                 env)
                 with env_steps():
-                    step = env.step(parsed.action)
-                steps.append(StepRecord(thought=parsed.thought, action=parsed.action, observation=step.observation,
+                    step = env.step(action)
+                steps.append(StepRecord(thought=thought, action=action, observation=step.observation,
                                         explored=False, valid=step.valid))
-                prompt_tokens += length
-                completion_tokens += len(new)
                 step_times.append(time.perf_counter() - t)
                 if step.done:
                     break
-            actions[f"g{i}"] = [s.action for s in steps]
+            played[f"g{i}"], tokens[f"g{i}"] = steps, naive.completion_tokens - before
     return {
         "wall_s": clock.wall,
         "cpu_s": clock.cpu,
         "env_steps": len(step_times),
-        "completion_tokens": completion_tokens,
-        "prompt_tokens_encoded": prompt_tokens,
-        "encode_s": encode.wall,  # render + tokenize the whole history
-        "generate_s": generate.wall,  # prefill of the whole history + decode
+        "completion_tokens": naive.completion_tokens,
+        "prompt_tokens_encoded": naive.prompt_tokens,
+        "generate_s": generate.wall,  # render + tokenize + prefill of the whole history + decode
         "env_step_s": env_steps.wall,
         "env_start_s": starts.wall,
         "step_median_s": statistics.median(step_times) if step_times else 0.0,
-        "actions": actions,
+        "steps": played,
+        "tokens": tokens,
     }
 
 
@@ -311,6 +363,10 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--profile", metavar="FILE", help="write a cProfile of our rollout to FILE")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's, one per core)")
+    parser.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16"],
+                        help="the model's compute dtype on both sides (auto: a3t's llm.dtype default for this CPU)")
+    parser.add_argument("--action-mode", choices=["free", "constrained", "both"], default="both",
+                        help="the policy's action mode on both sides (default: both, one after the other)")
     parser.add_argument("--draft-tokens", type=int, default=DRAFT_TOKENS,
                         help=f"ours: prompt-lookup draft tokens per row and decode step (default {DRAFT_TOKENS}, 0: off)")
     args = parser.parse_args()
@@ -328,7 +384,8 @@ def main() -> None:
 
     model_path = Path(args.model) if args.model else default_model_path()  # converts once, then cached
     t = time.perf_counter()
-    model, tokenizer = load_model(model_path)
+    dtype = compute_dtype(args.dtype, "cpu")
+    model, tokenizer = load_model(model_path, dtype=dtype)
     load_s = time.perf_counter() - t
     cache_root = Path(os.environ.get("A3T_CACHE") or "~/.cache/a3t").expanduser()
     t = time.perf_counter()
@@ -336,40 +393,92 @@ def main() -> None:
     games_s = time.perf_counter() - t
 
     env_cfg = EnvConfig(max_steps=steps)  # phrasing: a3t's default
-    defaults = RolloutConfig()
-    cfg = defaults.model_copy(update={
+    llm = TransformersLLM(model=model, tokenizer=tokenizer, name=model_path.name, draft_tokens=args.draft_tokens)
+    fig = {"bench": "rollout_speed", "quick": args.quick, "model": model_path.name, "games": len(games),
+           "parallel": n, "steps_limit": steps, "max_new_tokens": max_new_tokens,
+           "torch_threads": torch.get_num_threads(), "draft_tokens": args.draft_tokens, "dtype": dtype}
+    modes = ["free", "constrained"] if args.action_mode == "both" else [args.action_mode]
+    for mode in modes:
+        fig[mode] = compare(mode, games, model, tokenizer, llm, n, steps, max_new_tokens, env_cfg, args)
+        fig[f"ratio_tok_s_{mode}"] = fig[mode]["ratio_tok_s"]
+    fig["exact"] = all(fig[mode]["exact"] for mode in modes)
+    fig["model_load_s"] = load_s
+    fig["games_s"] = games_s
+    fig["wall_s"] = time.perf_counter() - started
+    fig["load_avg_before"] = load_before
+    fig["load_avg_after"] = os.getloadavg()[0]
+    fig["contended"] = any(fig[mode]["contended"] for mode in modes)
+    fig = _rounded(fig)
+
+    out = Console(stderr=True, width=150)
+    table = Table(title=f"Rollout speed: {len(games)} games, <= {steps} steps, <= {max_new_tokens} new tokens a turn, "
+                        f"{model_path.name} ({dtype}), greedy")
+    for column in ("action mode", "setup", "env steps", "tokens", "wall s", "steps/s", "tok/s", "cpu/wall"):
+        table.add_column(column, justify="left" if column in ("action mode", "setup") else "right")
+    for mode in modes:
+        for name, label in (("ours", f"a3t rollout(), {n} at once, KV reuse"), ("naive", "naive loop, generate()")):
+            table.add_row(mode, label, *(str(fig[mode][f"{name}_{k}"])
+                                         for k in ("steps", "tokens", "wall_s", "steps_s", "tok_s", "cpu_per_wall")))
+    out.print(table)
+    for mode in modes:
+        f = fig[mode]
+        out.print(f"[bold]{mode}[/]: ours / naive: steps/s x{f['ratio_steps_s']}, tok/s x{f['ratio_tok_s']}; "
+                  f"same actions: {f['actions_agree']:.0%} of steps, same thoughts: {f['thoughts_agree']:.0%}, "
+                  f"same tokens per episode: {f['tokens_agree']:.0%}")
+        out.print(f"  decode ceiling (batch {n}, context {f['ceiling_context_tokens']}): {f['ceiling_step_s']} s/forward"
+                  f" = {f['ceiling_tok_s']} tok/s; ours {f['ours_fraction_of_ceiling']:.0%} of it overall, "
+                  f"{f['ours_decode_fraction_of_ceiling']:.0%} over decode forwards "
+                  f"({f['ours_tokens_per_row_forward']:.2f} tokens per row and forward)")
+        out.print(f"  ours' {f['ours_wall_s']} s: prefill {f['ours_prefill_s']} ({f['ours_prefill_calls']} calls, "
+                  f"{f['ours_prefill_padded_tokens']} padded tokens), decode {f['ours_decode_s']} "
+                  f"({f['ours_decode_forwards']} forwards, median {f['ours_decode_step_median_s']} s), "
+                  f"rest of LLM calls {f['ours_llm_other_s']}, env steps {f['ours_env_step_s']}, "
+                  f"env start {f['ours_env_start_s']}, other {f['ours_other_s']}")
+        out.print(f"  naive's {f['naive_wall_s']} s: generate {f['naive_generate_s']}, env steps {f['naive_env_step_s']}, "
+                  f"env start {f['naive_env_start_s']}")
+    out.print(f"wall {fig['wall_s']} s")
+    if fig["contended"]:
+        out.print(f"[bold red]warning[/]: cpu/wall far below {torch.get_num_threads()} threads (load average "
+                  f"{fig['load_avg_before']} -> {fig['load_avg_after']}): other processes took the cores and the "
+                  "figures are unreliable; rerun on an idle machine or with --threads 1")
+    print(json.dumps(fig))
+    if not fig["exact"]:
+        # Greedy decoding is deterministic: the engine's batching, KV reuse and drafts must not
+        # change a single token. A difference is a bug in the engine (or in this benchmark).
+        out.print("[bold red]error[/]: ours and the naive loop did not play the same episodes (see above)")
+        sys.exit(1)
+
+
+def compare(mode: str, games, model, tokenizer, llm, n: int, steps: int, max_new_tokens: int, env_cfg: EnvConfig,
+            args) -> dict:
+    """Both sides in one action mode, then their figures, with the decode ceiling measured right
+    after each side (the load on a shared machine drifts: the median of both)."""
+    cfg = RolloutConfig().model_copy(update={
         "parallel_episodes": n,
         "p_explore": 0.0,  # both sides only use the policy
         "forced_explore_after_invalid": steps + 1,  # never reached: forced exploration would ask ActRe
         "temperature": 0.0,
         "max_new_tokens": max_new_tokens,
         "retry_max": 0,  # each game played once, as the naive loop does
+        "start_with_thought": True,  # the naive loop starts each reply with "Thought:" too
         "seed": args.seed,
     })
-    llm = TransformersLLM(model=model, tokenizer=tokenizer, name=model_path.name, draft_tokens=args.draft_tokens)
-
-    console.print(f"ours: {n} games, {n} episodes at once, <= {steps} steps, <= {max_new_tokens} new tokens a turn")
-    ours = run_ours(games, llm, cfg, env_cfg, args.profile)
+    console.print(f"{mode} actions, ours: {n} games, {n} episodes at once, <= {steps} steps, "
+                  f"<= {max_new_tokens} new tokens a turn")
+    ours = run_ours(games, llm, cfg, env_cfg, args.profile and f"{args.profile}.{mode}", mode)
     lengths = context_lengths(ours["trajectories"], tokenizer, env_cfg.phrasing)
     mean_completion = ours["completion_tokens"] / max(ours["env_steps"], 1)
     # A decode step attends to the prompt plus the tokens generated so far: mid-turn, half of them.
     context = int(statistics.median(lengths) + mean_completion / 2)
-    # Measured right after each side (the load on a shared machine drifts): the median of both.
     reps = 4 if args.quick else 8
     ceiling = [decode_ceiling(model, n, context, reps)]
     console.print(f"  {ours['wall_s']:.1f} s; naive: one episode at a time")
-    naive = run_naive(games, model, tokenizer, max_new_tokens, env_cfg)
+    naive = run_naive(games, model, tokenizer, max_new_tokens, env_cfg, mode)
     console.print(f"  {naive['wall_s']:.1f} s")
     ceiling.append(decode_ceiling(model, n, context, reps))
     step_s = statistics.median(ceiling)
 
-    agree = [a == b for g in ours["actions"] for a, b in zip(ours["actions"][g], naive["actions"].get(g, []))]
-    if ours["env_steps"] != naive["env_steps"]:
-        print(f"warning: ours played {ours['env_steps']} steps, naive {naive['env_steps']}", file=sys.stderr)
-
-    fig = {"bench": "rollout_speed", "quick": args.quick, "model": model_path.name, "games": len(games),
-           "parallel": n, "steps_limit": steps, "max_new_tokens": max_new_tokens,
-           "torch_threads": torch.get_num_threads(), "draft_tokens": args.draft_tokens}
+    fig = {}
     for name, side in (("ours", ours), ("naive", naive)):
         fig[f"{name}_steps"] = side["env_steps"]
         fig[f"{name}_tokens"] = side["completion_tokens"]
@@ -380,11 +489,9 @@ def main() -> None:
         fig[f"{name}_prompt_tokens_encoded"] = side["prompt_tokens_encoded"]
     fig["ratio_steps_s"] = fig["ours_steps_s"] / fig["naive_steps_s"]
     fig["ratio_tok_s"] = fig["ours_tok_s"] / fig["naive_tok_s"]
-    fig["actions_agree"] = sum(agree) / max(len(agree), 1)
-    played = [a for acts in ours["actions"].values() for a in acts]
-    fig["ours_nonempty_actions"] = sum(bool(a) for a in played) / max(len(played), 1)
-    fig["ours_valid_actions"] = (sum(s.valid for t in ours["trajectories"].values() for s in t.steps)
-                                 / max(len(played), 1))
+    fig |= agreement(ours, naive)
+    played = [s for t in ours["trajectories"].values() for s in t.steps]
+    fig["ours_valid_actions"] = sum(s.valid for s in played) / max(len(played), 1)
     fig["ours_successes"] = sum(t.success for t in ours["trajectories"].values())
     fig["context_median_tokens"] = int(statistics.median(lengths))
     fig["context_max_tokens"] = max(lengths)
@@ -404,46 +511,33 @@ def main() -> None:
     for key in ("prefill_s", "prefill_calls", "prefill_padded_tokens", "decode_s", "decode_forwards",
                 "decode_step_median_s", "llm_other_s", "env_step_s", "env_start_s", "other_s", "turn_median_s"):
         fig[f"ours_{key}"] = ours[key]
-    for key in ("encode_s", "generate_s", "env_step_s", "env_start_s", "step_median_s"):
+    for key in ("generate_s", "env_step_s", "env_start_s", "step_median_s"):
         fig[f"naive_{key}"] = naive[key]
-    fig["model_load_s"] = load_s
-    fig["games_s"] = games_s
-    fig["wall_s"] = time.perf_counter() - started
-    fig["load_avg_before"] = load_before
-    fig["load_avg_after"] = os.getloadavg()[0]
     # A process that got its cores shows cpu/wall near its thread count. Far below it, other
     # processes took the cores, and with several threads each op then waits for its slowest one.
-    threads = torch.get_num_threads()
-    fig["contended"] = min(fig["ours_cpu_per_wall"], fig["naive_cpu_per_wall"]) < 0.8 * threads
-    fig = {k: round(v, 3) if isinstance(v, float) else v for k, v in fig.items()}
+    fig["contended"] = min(fig["ours_cpu_per_wall"], fig["naive_cpu_per_wall"]) < 0.8 * torch.get_num_threads()
+    return fig
 
-    table = Table(title=f"Rollout speed: {len(games)} games, <= {steps} steps, <= {max_new_tokens} new tokens a turn, "
-                        f"{model_path.name}, greedy")
-    for column in ("setup", "env steps", "tokens", "wall s", "steps/s", "tok/s", "cpu/wall"):
-        table.add_column(column, justify="left" if column == "setup" else "right")
-    for name, label in (("ours", f"a3t rollout(), {n} at once, KV reuse"), ("naive", "naive loop, generate()")):
-        table.add_row(label, *(str(fig[f"{name}_{k}"]) for k in ("steps", "tokens", "wall_s", "steps_s", "tok_s",
-                                                                  "cpu_per_wall")))
-    out = Console(stderr=True)
-    out.print(table)
-    out.print(f"ours / naive: steps/s x{fig['ratio_steps_s']}, tok/s x{fig['ratio_tok_s']}; "
-              f"same action at {fig['actions_agree']:.0%} of steps")
-    out.print(f"decode ceiling (batch {n}, context {context}): {fig['ceiling_step_s']} s/forward = "
-              f"{fig['ceiling_tok_s']} tok/s; ours {fig['ours_fraction_of_ceiling']:.0%} of it overall, "
-              f"{fig['ours_decode_fraction_of_ceiling']:.0%} over decode forwards "
-              f"({fig['ours_tokens_per_row_forward']:.2f} tokens per row and forward)")
-    out.print(f"ours' {fig['ours_wall_s']} s: prefill {fig['ours_prefill_s']} ({fig['ours_prefill_calls']} calls, "
-              f"{fig['ours_prefill_padded_tokens']} padded tokens), decode {fig['ours_decode_s']} "
-              f"({fig['ours_decode_forwards']} forwards, median {fig['ours_decode_step_median_s']} s), "
-              f"rest of LLM calls {fig['ours_llm_other_s']}, env steps {fig['ours_env_step_s']}, "
-              f"env start {fig['ours_env_start_s']}, other {fig['ours_other_s']}")
-    out.print(f"naive's {fig['naive_wall_s']} s: encode {fig['naive_encode_s']}, generate {fig['naive_generate_s']}, "
-              f"env steps {fig['naive_env_step_s']}, env start {fig['naive_env_start_s']}; wall {fig['wall_s']} s")
-    if fig["contended"]:
-        out.print(f"[bold red]warning[/]: cpu/wall far below {threads} threads (load average {fig['load_avg_before']} "
-                  f"-> {fig['load_avg_after']}): other processes took the cores and the figures are unreliable; "
-                  "rerun on an idle machine or with --threads 1")
-    print(json.dumps(fig))
+
+def agreement(ours: dict, naive: dict) -> dict:
+    """Share of steps with the same action and thought, of episodes with the same completion
+    tokens; exact when all are 100% and both played the same steps."""
+    pairs = [(a, b) for g, steps in ours["steps"].items() for a, b in zip(steps, naive["steps"].get(g, []))]
+    games = list(ours["tokens"])
+    fig = {"actions_agree": sum(a.action == b.action for a, b in pairs) / max(len(pairs), 1),
+           "thoughts_agree": sum(a.thought == b.thought for a, b in pairs) / max(len(pairs), 1),
+           "tokens_agree": sum(ours["tokens"][g] == naive["tokens"].get(g) for g in games) / max(len(games), 1)}
+    fig["exact"] = (ours["env_steps"] == naive["env_steps"] and fig["actions_agree"] == fig["thoughts_agree"]
+                    == fig["tokens_agree"] == 1.0)
+    if ours["env_steps"] != naive["env_steps"]:
+        print(f"warning: ours played {ours['env_steps']} steps, naive {naive['env_steps']}", file=sys.stderr)
+    return fig
+
+
+def _rounded(value):
+    if isinstance(value, dict):
+        return {k: _rounded(v) for k, v in value.items()}
+    return round(value, 3) if isinstance(value, float) else value
 
 
 if __name__ == "__main__":

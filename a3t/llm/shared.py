@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from a3t.llm import models
 
 
@@ -84,7 +86,10 @@ class SharedModel:
                 yield self.model
 
     def _mergeable(self) -> bool:
-        return not getattr(self.model.base_model.model, "is_loaded_in_4bit", False)
+        # Only a float32 base unmerges back to its own weights (to about 1e-7): in bfloat16 each
+        # merge and unmerge would round the base weights by about 1e-3, and drift.
+        base = self.model.base_model.model
+        return not getattr(base, "is_loaded_in_4bit", False) and base.dtype == torch.float32
 
 
 def _stamp(adapter: Path) -> tuple:
