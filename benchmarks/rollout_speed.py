@@ -1,7 +1,8 @@
 """How fast a3t's rollout engine plays episodes with a real LLM, against the naive loop.
 
 Measured in one run, on the same generated games, with the same model, seed, greedy
-decoding, ``max_new_tokens`` and step limit:
+decoding, prompt, stop rules, ``max_new_tokens`` and step limit, in each action mode
+(``--action-mode``, default both: ``free``, then ``constrained``):
 
 1. ours: ``a3t.rollout.rollout()`` with ``parallel_episodes`` episodes at once (every
    policy call one batch, each episode's KV cache reused between turns, prefixes shared by
@@ -10,15 +11,21 @@ decoding, ``max_new_tokens`` and step limit:
    settings, except: p_explore=0 and forced exploration off (so both sides only ask the
    policy, never ActRe), temperature 0, and no retries of failed games (both sides play
    each game once);
-2. naive: one episode at a time; each turn the whole history is re-encoded with
-   ``tokenizer.apply_chat_template(react_chat(...))`` and completed by a plain
-   ``model.generate(max_new_tokens=..., do_sample=False)`` cut at the action line by a
-   StoppingCriteria (the same rule as ours), then ``parse_turn`` and ``env.step``: the
-   loop a first implementation would write (no KV reuse, no batching);
+2. naive: one episode at a time; each turn the whole history is rendered with
+   ``tokenizer.apply_chat_template`` (the reply started with "Thought:", as ours does) and
+   completed by a plain ``model.generate(do_sample=False)`` cut by a StoppingCriteria with
+   ours' stop rule; a constrained action is then one more ``generate`` with a
+   ``prefix_allowed_tokens_fn`` over the admissible actions' tokens. The loop a first
+   implementation would write (no KV reuse, no batching);
 3. the ceiling: tokens/s of ONE batched decode forward (batch = parallel episodes, one
    new token per row, a KV cache as long as the typical context our rollouts reached),
    i.e. the most decode throughput this model can give on this machine; our tokens/s
    (overall, and over decode forwards only) as a fraction of it.
+
+Greedy decoding is deterministic, so both sides must play the same episodes: the run checks
+that every thought, action and episode's token count is identical, and exits with status 1
+if not. That holds in float32 (the default ``--dtype``); in bfloat16 a batch's rounding differs
+from one row's, and greedy picks between near-ties can flip.
 
 Our engine's time is split into prefill forwards, decode forwards, the rest of the LLM
 call (render, tokenize, cache assembly, stop rule: Python), env steps, env start-up
@@ -33,7 +40,8 @@ not get its cores is flagged "contended" (with 2 torch threads on 2 busy cores, 
 forward can get 10-40x slower; ``--threads 1`` is then the steadier measurement).
 
 Run:  python benchmarks/rollout_speed.py [--quick] [--model PATH] [--parallel N] [--steps N]
-      [--max-new-tokens N] [--threads N] [--draft-tokens N] [--games DIR] [--profile FILE]
+      [--max-new-tokens N] [--threads N] [--draft-tokens N] [--action-mode M] [--dtype D]
+      [--games DIR] [--profile FILE]
 The last line of stdout is one JSON object with the figures (DESIGN.md §5).
 """
 
@@ -64,7 +72,7 @@ from a3t.envs import action_choices
 from a3t.envs.alfworld import AlfWorldEnv
 from a3t.envs.alfworld_gen import game_jobs, generate_games
 from a3t.envs.base import Task
-from a3t.llm.base import stop_after_action_line, stop_after_thought
+from a3t.llm.base import Sampling, stop_after_action_line, stop_after_thought
 from a3t.llm.models import compute_dtype, default_model_path, load_model
 from a3t.llm.transformers_llm import DRAFT_TOKENS, TransformersLLM, _Batch
 from a3t.rollout import THOUGHT_START, _whole_reply, rollout
@@ -398,6 +406,7 @@ def main() -> None:
            "parallel": n, "steps_limit": steps, "max_new_tokens": max_new_tokens,
            "torch_threads": torch.get_num_threads(), "draft_tokens": args.draft_tokens, "dtype": dtype}
     modes = ["free", "constrained"] if args.action_mode == "both" else [args.action_mode]
+    warm_up(llm, model, tokenizer)
     for mode in modes:
         fig[mode] = compare(mode, games, model, tokenizer, llm, n, steps, max_new_tokens, env_cfg, args)
         fig[f"ratio_tok_s_{mode}"] = fig[mode]["ratio_tok_s"]
@@ -447,6 +456,16 @@ def main() -> None:
         # change a single token. A difference is a bug in the engine (or in this benchmark).
         out.print("[bold red]error[/]: ours and the naive loop did not play the same episodes (see above)")
         sys.exit(1)
+
+
+def warm_up(llm: TransformersLLM, model, tokenizer) -> None:
+    """A short greedy completion on each side before anything is timed: the process's first
+    forwards pay one-time allocations that neither side should carry."""
+    chat = [{"role": "user", "content": "You are in the middle of a room. Your task is to: look around."}]
+    llm.complete([chat], Sampling(temperature=0.0, max_new_tokens=8))
+    inputs = tokenizer.apply_chat_template(chat, add_generation_prompt=True, return_dict=True, return_tensors="pt")
+    with torch.inference_mode():
+        model.generate(**inputs, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id)
 
 
 def compare(mode: str, games, model, tokenizer, llm, n: int, steps: int, max_new_tokens: int, env_cfg: EnvConfig,

@@ -127,3 +127,20 @@ def test_a_round_loads_the_policy_model_once(tiny_model_dir, games_root, tmp_pat
     pipeline.play_train_games(cfg, ws, 1, retries=True)
     evaluate_round(cfg, ws, 1, "valid_unseen")
     assert count_loads == [tiny_model_dir]
+
+
+def test_a_bfloat16_base_keeps_its_adapters_unmerged(tiny_model_dir, tmp_path):
+    """Merging into bfloat16 weights and unmerging would round them (~1e-3) on every switch: the
+    base's weights must stay what was loaded, however often the adapters switch."""
+    a = save_adapter(tiny_model_dir, tmp_path / "a", seed=1)
+    base = TransformersLLM(tiny_model_dir, dtype="bfloat16")
+    loaded = {k: v.clone() for k, v in base.model.state_dict().items()}
+    first = texts(base)
+    with_a = TransformersLLM(tiny_model_dir, adapter=a, dtype="bfloat16")
+    adapted = texts(with_a)
+    for _ in range(3):
+        assert texts(base) == first and texts(with_a) == adapted
+    assert adapted != first, "the adapter must change the outputs"
+    weights = {k.replace("base_model.model.", "").replace(".base_layer", ""): v
+               for k, v in with_a.model.state_dict().items() if "lora_" not in k}
+    assert all(torch.equal(weights[k], v) for k, v in loaded.items())
