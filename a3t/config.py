@@ -130,8 +130,11 @@ class LLMConfig(_Section):
     adapter: Optional[str] = Field(None, description="transformers: a peft adapter folder to apply.")
     load_in_4bit: bool = Field(False, description="transformers: load the weights in 4-bit nf4 (bitsandbytes).")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="transformers: compute dtype. auto: bfloat16 on CUDA and on CPUs with native bfloat16 "
-        "(AVX512-BF16: rollouts about 2x faster), float32 on other CPUs (bfloat16 is emulated there, and slow).",
+        # float32 on CPU by default: on a CPU with AVX512-BF16, a bfloat16 evaluation of the default
+        # campaign's round-0 adapter took as long as float32's (127 s against 125 s on 12 games),
+        # and greedy bfloat16 does not decode the same tokens as float32.
+        "float32", description="transformers: compute dtype. auto: bfloat16 on CUDA and on CPUs with native "
+        "bfloat16 (AVX512-BF16), else float32 (bfloat16 is emulated there, and slow).",
     )
     device: str = Field("cpu", description="transformers: torch device.")
     draft_tokens: int = Field(

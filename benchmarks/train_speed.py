@@ -74,10 +74,7 @@ from the backbone's hidden states of the first micro-batch, on ours' base model)
 plain NLL on the full logits, and TRL's chunked log-prob function, with checks that ours
 gives the full-logits loss, and TRL's when every weight is 1.
 
-With a CUDA GPU, a last section trains QLoRA on a 7B model with Mistral-7B-v0.2's
-config (random weights, saved once in bfloat16 and loaded 4-bit nf4 by
-``a3t.llm.models.load_model`` as training does) at 2048 and 4096 tokens: tokens/s and peak
-GPU memory for ours and TRL. On a machine without CUDA it is skipped with a note.
+The paper's 7B model in 4-bit on a GPU (training and rollout): ``benchmarks/gpu.py``.
 
 ``--quick`` uses the tiny random Mistral of the tests (unless ``--model``): SmolLM2 trains a
 few hundred tokens/s here at best, too slow for two trainers in a minute. The tiny model's
@@ -106,14 +103,6 @@ from rich.console import Console
 from rich.table import Table
 
 LORA = {"r": 16, "alpha": 32, "targets": ["q_proj", "v_proj"]}
-# Mistral-7B-v0.2's config.json (mistralai/Mistral-7B-Instruct-v0.2): the paper's model size.
-MISTRAL_7B_V02 = dict(
-    vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-    num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=32768,
-    rope_theta=1000000.0, rms_norm_eps=1e-5, sliding_window=None, tie_word_embeddings=False,
-    bos_token_id=1, eos_token_id=2, hidden_act="silu",
-)
-
 console = Console(stderr=True)  # progress and notes on stderr; tables and the JSON on stdout
 
 
@@ -291,20 +280,6 @@ def campaign_rows(tokenizer, path: str, n: int) -> tuple[list, dict]:
     return rows, info
 
 
-def random_rows(n: int, seq_len: int, vocab: int, seed: int) -> list:
-    """Random token ids; the first quarter (a prompt) outside the loss; pg-like weights."""
-    from a3t.data import Example
-
-    rng = random.Random(seed)
-    prompt = seq_len // 4
-    weights = [1.5, -0.5, 1.0, -0.5]
-    return [
-        Example([rng.randrange(3, vocab) for _ in range(seq_len)], [0] * prompt + [1] * (seq_len - prompt),
-                weights[i % len(weights)], f"random{i}")
-        for i in range(n)
-    ]
-
-
 # ----------------------------------------------------------------------------- one training run
 
 
@@ -461,7 +436,7 @@ def run_trainer(kind: str, base, tokenizer, rows: list, s: dict, warm_up_only: b
             "peak_mem_mib": mem.peak_mib, "first_loss": losses[0] if losses else None,
             "trainable_params": trainable, "batches": [f for _, f in batches[: s["accumulation"] * (1 + steps)]],
         }
-    except torch.cuda.OutOfMemoryError as e:  # only the 7B runs can get here
+    except torch.cuda.OutOfMemoryError as e:  # the 7B runs of benchmarks/gpu.py
         result = {"kind": kind, "error": f"CUDA OOM: {str(e).splitlines()[0]}"}
     finally:
         trainer = None  # drop the optimizer state before the next run
@@ -643,56 +618,6 @@ def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def gpu_worker(spec: dict) -> dict:
-    """QLoRA on a random 7B Mistral (Mistral-7B-v0.2's config) on CUDA, both trainers."""
-    _quiet()
-    import torch
-
-    if not torch.cuda.is_available():
-        return {"skipped": "no CUDA GPU (torch.cuda.is_available() is False)"}
-    from tokenizers import Tokenizer, models
-    from transformers import AutoModelForCausalLM, MistralConfig, PreTrainedTokenizerFast
-
-    from a3t.llm.models import load_model
-
-    out: dict = {"gpu": torch.cuda.get_device_name(0), "runs": {}}
-    with tempfile.TemporaryDirectory(prefix="a3t-7b-") as folder:
-        t = time.perf_counter()
-        config = MistralConfig(**MISTRAL_7B_V02)
-        with torch.device("cuda"):
-            model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-        model.save_pretrained(folder)
-        del model
-        torch.cuda.empty_cache()
-        # Token ids are random: any tokenizer with a pad/unk token will do.
-        words = Tokenizer(models.WordLevel({"<unk>": 0, "<s>": 1, "</s>": 2}, unk_token="<unk>"))
-        PreTrainedTokenizerFast(tokenizer_object=words, unk_token="<unk>", bos_token="<s>",
-                                eos_token="</s>").save_pretrained(folder)
-        out["build_s"] = time.perf_counter() - t
-        t = time.perf_counter()
-        model, tokenizer = load_model(folder, load_in_4bit=True, dtype="bfloat16", device="cuda", trainable=True)
-        out["load_s"] = time.perf_counter() - t
-        out["base_mem_mib"] = torch.cuda.memory_allocated() / 2**20
-        for i, seq_len in enumerate(spec["gpu_seq_lens"]):
-            s = dict(spec, device="cuda", seq_len=seq_len, batch_size=1, accumulation=spec["gpu_accumulation"],
-                     steps=spec["gpu_steps"])
-            rows = random_rows(s["accumulation"] * (s["steps"] + 1), seq_len, config.vocab_size, spec["seed"])
-            for kind in ("ours", "trl") if i == 0 else ():  # cuBLAS workspaces, Triton compiles...
-                try:
-                    run_trainer(kind, model, tokenizer, rows, s, warm_up_only=True)
-                except Exception as e:
-                    console.print(f"  warm-up of {kind} failed: {type(e).__name__}: {e}"[:300])
-            for kind in ("ours", "trl"):
-                console.print(f"  7B QLoRA, {seq_len} tokens: {kind} ...")
-                try:
-                    r = run_trainer(kind, model, tokenizer, rows, s)
-                except Exception as e:  # keep the other figures
-                    r = {"kind": kind, "error": f"{type(e).__name__}: {e}"[:300]}
-                out["runs"][f"{kind}@{seq_len}"] = r
-                torch.cuda.empty_cache()
-    return out
-
-
 def _run_worker(flag: str, spec: dict) -> dict:
     with tempfile.NamedTemporaryFile("r", suffix=".json", prefix="a3t-train-speed-") as result:
         spec = dict(spec, result=result.name)
@@ -735,19 +660,13 @@ def main() -> None:
     parser.add_argument("--accumulation", type=int, help="micro-batches per optimizer step (default 2)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's, one per core)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--gpu-seq-lens", default="2048,4096", help="CUDA only: sequence lengths of the 7B QLoRA runs")
-    parser.add_argument("--gpu-steps", type=int, default=3, help="CUDA only: timed steps of the 7B runs")
-    parser.add_argument("--no-gpu-7b", action="store_true", help="skip the 7B QLoRA section even with CUDA")
     parser.add_argument("--_worker", help=argparse.SUPPRESS)
-    parser.add_argument("--_gpu_worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
-    for flag, fn in (("_worker", worker), ("_gpu_worker", gpu_worker)):
-        spec = getattr(args, flag)
-        if spec is not None:
-            spec = json.loads(spec)
-            Path(spec["result"]).write_text(json.dumps(fn(spec)))
-            return
+    if args._worker is not None:
+        spec = json.loads(args._worker)
+        Path(spec["result"]).write_text(json.dumps(worker(spec)))
+        return
 
     if args.data is not None and not Path(args.data).is_file():
         parser.error(f"--data {args.data}: no such file")
@@ -787,11 +706,6 @@ def main() -> None:
         results[four_bit] = _run_worker("--_worker", dict(spec, four_bit=four_bit))
     device = next(iter(results.values()))["device"]
 
-    gpu = None
-    if device == "cuda" and not args.no_gpu_7b:
-        console.print("[bold]7B QLoRA on CUDA[/] (Mistral-7B-v0.2 config, random weights)")
-        gpu = _run_worker("--_gpu_worker", dict(spec, gpu_seq_lens=[int(x) for x in args.gpu_seq_lens.split(",")],
-                                                gpu_steps=args.gpu_steps, gpu_accumulation=2))
     tmp.cleanup()
 
     # ------------------------------------------------------------------ tables
@@ -894,30 +808,6 @@ def main() -> None:
                   f"the loss, pg weights {d['weights']}; dtypes {d['dtypes']}")
     out.print("model load (excluded): " + ", ".join(f"{'4-bit' if k else 'fp32'} {v['load_s']:.1f} s"
                                                      for k, v in results.items()))
-
-    if gpu is None:
-        note = ("skipped: no CUDA GPU on this machine" if device != "cuda" else "skipped (--no-gpu-7b)")
-        out.print(f"7B QLoRA section (Mistral-7B-v0.2 config, {args.gpu_seq_lens} tokens): {note}")
-        fig["gpu_7b"] = note
-    elif "skipped" in gpu:
-        out.print(f"7B QLoRA section: {gpu['skipped']}")
-        fig["gpu_7b"] = gpu["skipped"]
-    else:
-        g = Table(title=f"QLoRA nf4 on a 7B Mistral (v0.2 config, random weights), {gpu['gpu']}, batch 1 x "
-                        f"accumulation 2, {args.gpu_steps} timed steps; base model {gpu['base_mem_mib']:.0f} MiB")
-        for c in ("seq len", "trainer", "tokens/s", "peak GPU mem MiB", "+ over the base MiB"):
-            g.add_column(c, justify="right")
-        for key, r in gpu["runs"].items():
-            kind, sl = key.split("@")
-            if "error" in r:
-                g.add_row(sl, kind, r["error"], "", "")
-                fig[f"gpu7b_{kind}_{sl}_error"] = r["error"]
-                continue
-            g.add_row(sl, kind, f"{r['tokens_s']:.0f}", f"{r['peak_mem_mib']:.0f}", f"{r['peak_mem_delta_mib']:.0f}")
-            fig[f"gpu7b_{kind}_tok_s_{sl}"] = r["tokens_s"]
-            fig[f"gpu7b_{kind}_peak_mib_{sl}"] = r["peak_mem_mib"]
-        out.print(g)
-        fig["gpu7b_build_s"], fig["gpu7b_load_s"] = gpu["build_s"], gpu["load_s"]
 
     fig["wall_s"] = time.perf_counter() - started
     fig["load_avg_before"] = load_before[0]

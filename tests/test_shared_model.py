@@ -129,18 +129,24 @@ def test_a_round_loads_the_policy_model_once(tiny_model_dir, games_root, tmp_pat
     assert count_loads == [tiny_model_dir]
 
 
-def test_a_bfloat16_base_keeps_its_adapters_unmerged(tiny_model_dir, tmp_path):
-    """Merging into bfloat16 weights and unmerging would round them (~1e-3) on every switch: the
-    base's weights must stay what was loaded, however often the adapters switch."""
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_base_gets_its_exact_weights_back_after_adapter_switches(tiny_model_dir, tmp_path, dtype):
+    """The active adapter is merged into the weights (no LoRA branch in the forward), and
+    switching restores the weights saved before the merge: subtracting the update again would
+    round them (~1e-3 in bfloat16) on every switch."""
+    from peft.tuners.lora import LoraLayer
+
     a = save_adapter(tiny_model_dir, tmp_path / "a", seed=1)
-    base = TransformersLLM(tiny_model_dir, dtype="bfloat16")
+    base = TransformersLLM(tiny_model_dir, dtype=dtype)
     loaded = {k: v.clone() for k, v in base.model.state_dict().items()}
     first = texts(base)
-    with_a = TransformersLLM(tiny_model_dir, adapter=a, dtype="bfloat16")
+    with_a = TransformersLLM(tiny_model_dir, adapter=a, dtype=dtype)
     adapted = texts(with_a)
+    assert adapted != first, "the adapter must change the outputs"
+    assert all(m.merged for m in with_a.model.modules() if isinstance(m, LoraLayer))
     for _ in range(3):
         assert texts(base) == first and texts(with_a) == adapted
-    assert adapted != first, "the adapter must change the outputs"
+    texts(base)
     weights = {k.replace("base_model.model.", "").replace(".base_layer", ""): v
                for k, v in with_a.model.state_dict().items() if "lora_" not in k}
     assert all(torch.equal(weights[k], v) for k, v in loaded.items())

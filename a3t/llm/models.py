@@ -164,33 +164,37 @@ def resolve_model_path(name: str | Path, cache_dir: Path | None = None) -> Path:
     return Path(name).expanduser()
 
 
+# The tiny random Mistral of the tests and smoke runs (about 4M parameters).
+TINY_MISTRAL_SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                          num_key_value_heads=2, max_position_embeddings=4096)
+
+
 def build_tiny_mistral(path: Path, seed: int = 0) -> Path:
-    """A tiny random MistralForCausalLM (about 4M parameters) with the real Mistral v3
+    """A tiny random MistralForCausalLM (``TINY_MISTRAL_SHAPE``) with the real Mistral v3
     tokenizer (32768 tokens) and ``TINY_MISTRAL_CHAT_TEMPLATE``, saved as an HF folder.
     The same seed gives the same weights."""
+    return build_random_mistral(path, TINY_MISTRAL_SHAPE, seed=seed)
+
+
+def build_random_mistral(path: Path, shape: dict, seed: int = 0, dtype: str = "float32", device: str = "cpu") -> Path:
+    """A MistralForCausalLM of ``shape`` (MistralConfig fields) with random weights, the
+    Mistral v3 tokenizer and ``TINY_MISTRAL_CHAT_TEMPLATE``, saved in ``dtype`` as an HF folder
+    (built on ``device``: a 7B model initializes in seconds on a GPU, in minutes on a CPU).
+    The same seed gives the same weights on the same device."""
     import torch
     from transformers import GenerationConfig, MistralConfig, MistralForCausalLM
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tokenizer = _mistral_v3_tokenizer(path)
-    config = MistralConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=4096,
-        sliding_window=None,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        tie_word_embeddings=False,
-    )
+    config = MistralConfig(**{
+        "sliding_window": None, "tie_word_embeddings": False, **shape, "vocab_size": len(tokenizer),
+        "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+    })
     # Seed a forked RNG so that building a model does not disturb the caller's random state.
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[device] if device.startswith("cuda") else []), torch.device(device):
         torch.manual_seed(seed)
-        model = MistralForCausalLM(config).to(torch.float32)
+        model = MistralForCausalLM(config).to(_torch_dtype(dtype))
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id
     )

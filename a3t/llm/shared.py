@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 
 from a3t.llm import models
 
@@ -33,6 +32,7 @@ class SharedModel:
     lock: threading.RLock = field(default_factory=threading.RLock)
     adapters: dict[tuple, str] = field(default_factory=dict)  # adapter's stamp -> its peft name
     merged: str | None = None  # the adapter whose weights are merged into the base weights now
+    _saved: list = field(default_factory=list)  # (LoRA layer, its base weight before the merge)
 
     def attach(self, adapter: str | Path) -> str:
         """The peft name of ``adapter`` (a folder), loaded onto the base model the first time. An
@@ -44,6 +44,7 @@ class SharedModel:
             if stamp not in self.adapters:
                 name = f"adapter_{len(self.adapters)}"
                 if isinstance(self.model, PeftModel):
+                    self._unmerge()  # peft would unmerge by subtraction, rounding the weights
                     self.model.load_adapter(str(adapter), adapter_name=name)
                 else:
                     self.model = PeftModel.from_pretrained(self.model, str(adapter), adapter_name=name)
@@ -56,23 +57,21 @@ class SharedModel:
         """Hold the model with ``adapter_name`` active (None: the base model alone).
 
         A full-precision base gets the active adapter merged into its weights (peft's
-        merge_adapter; unmerged again before another one is merged): the forward then runs
-        no LoRA branch, which cost a fifth of SmolLM2's decode time on a CPU. Merging and
-        unmerging round the weights by about 1e-7; a 4-bit base keeps its adapters unmerged
-        (merging would quantize the adapter's weights)."""
+        merge_adapter): the forward then runs no LoRA branch, which cost a fifth of SmolLM2's
+        decode time on a CPU in float32, and made bfloat16 slower than float32. Unmerging
+        copies back the weights saved before the merge rather than subtracting the update
+        again, so the base stays bit for bit itself in any dtype (a bfloat16 subtraction would
+        round it by about 1e-3 per switch). A 4-bit base keeps its adapters unmerged (merging
+        would quantize the adapter's weights)."""
         with self.lock:
             if not self.adapters:
                 yield self.model
                 return
             if self._mergeable():
                 if self.merged != adapter_name:
-                    if self.merged is not None:
-                        self.model.unmerge_adapter()
-                    self.merged = None
+                    self._unmerge()
                     if adapter_name is not None:
-                        self.model.set_adapter(adapter_name)
-                        self.model.merge_adapter()
-                        self.merged = adapter_name
+                        self._merge(adapter_name)
                 if adapter_name is None:
                     with self.model.disable_adapter():
                         yield self.model
@@ -86,10 +85,28 @@ class SharedModel:
                 yield self.model
 
     def _mergeable(self) -> bool:
-        # Only a float32 base unmerges back to its own weights (to about 1e-7): in bfloat16 each
-        # merge and unmerge would round the base weights by about 1e-3, and drift.
-        base = self.model.base_model.model
-        return not getattr(base, "is_loaded_in_4bit", False) and base.dtype == torch.float32
+        return not getattr(self.model.base_model.model, "is_loaded_in_4bit", False)
+
+    def _lora_layers(self) -> list:
+        from peft.tuners.lora import LoraLayer
+
+        return [m for m in self.model.modules() if isinstance(m, LoraLayer)]
+
+    def _merge(self, adapter_name: str) -> None:
+        self.model.set_adapter(adapter_name)
+        layers = [m for m in self._lora_layers() if adapter_name in m.lora_A]
+        self._saved = [(m, m.get_base_layer().weight.detach().clone()) for m in layers]
+        self.model.merge_adapter()
+        self.merged = adapter_name
+
+    def _unmerge(self) -> None:
+        if self.merged is None:
+            return
+        for layer, weight in self._saved:
+            layer.get_base_layer().weight.data.copy_(weight)
+            layer.merged_adapters.clear()
+        self._saved = []
+        self.merged = None
 
 
 def _stamp(adapter: Path) -> tuple:
