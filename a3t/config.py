@@ -395,8 +395,12 @@ PROFILES: dict[str, dict] = {
         # has one at most. LoRA on every projection at 1e-3: q_proj/v_proj at 1e-4 barely move a
         # 135M model in a few epochs. Round 0: 2 epochs (the loss is down to 0.05); later rounds go
         # on from the last adapter for one epoch over all data (from the base, each round would
-        # retrain the walkthroughs too). The loss is on the agent's turns only.
+        # retrain the walkthroughs too). The loss is on the agent's turns only. LoRA on an unquantized
+        # base (paper: QLoRA, 4-bit): a 135M model fits in memory as it is, and nf4 dequantization
+        # took half of each step on a CPU (benchmarks/train_speed.py on a campaign's train set:
+        # 355 tokens/s against 187 in 4-bit).
         "train": {"loss": "sft", "learning_rate": 1e-3, "epochs_first_round": 2, "epochs_later_rounds": 1,
+                  "load_in_4bit": False,
                   "from_base_each_round": False, "observations_in_loss": False,
                   "lora_targets": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
                   "batch_size": 1, "gradient_accumulation": 2},

@@ -134,3 +134,33 @@ def test_find_games_skips_unsolvable_and_errors_on_a_missing_split(train_games, 
     assert [g.parent.parent.name for g in find_games(root, "train")] == ["task-a"]
     with pytest.raises(FileNotFoundError, match="valid_unseen"):
         find_games(root, "valid_unseen")
+
+
+def test_textworld_parse_cache_plays_exactly_as_the_parsers(train_games, monkeypatch):
+    """With textworld's parsers behind a3t's cache (installed with a3t.envs.alfworld) every
+    observation and admissible command is what the plain parsers give."""
+    import random
+
+    from textworld import logic
+    from textworld.envs.pddl import logic as pddl_logic
+    from textworld.envs.pddl import textgen
+
+    from a3t.envs import textworld_cache
+
+    def play(game):
+        env, rng = AlfWorldEnv(game, max_steps=30), random.Random(str(game))
+        seen = [env.reset().observation, env.admissible_actions]
+        for action in env.game.walkthrough[:3] + [None] * 6 + env.game.walkthrough:
+            step = env.step(action or rng.choice(env.admissible_actions))
+            seen += [step.observation, env.admissible_actions]
+            if step.done:
+                break
+        return seen
+
+    caches = textworld_cache.install()
+    before = sum(c.hits for c in caches)
+    cached = [play(game) for game in train_games]
+    assert sum(c.hits for c in caches) > before
+    for module, cache in zip((textgen, pddl_logic, logic), caches):
+        monkeypatch.setattr(module, "_parse_and_convert", cache.parse)
+    assert [play(game) for game in train_games] == cached

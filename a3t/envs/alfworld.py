@@ -17,7 +17,10 @@ import textworld
 from alfworld.agents.environment.alfred_tw_env import AlfredDemangler, AlfredInfos
 from textworld.envs import PddlEnv
 
+from a3t.envs import textworld_cache
 from a3t.envs.base import Phrasing, Reset, Step, TerminalReason, convert_action
+
+textworld_cache.install()  # the engine parses the same texts every step: once is enough
 
 # alfworld 0.4 says "move X to Y"; the ReAct-era games, prompts and the A3T paper's
 # trajectories say "put X in/on Y". The grammar is text, so a game can be switched to
