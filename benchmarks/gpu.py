@@ -22,12 +22,14 @@ runs the same code on the tiny random Mistral on the CPU: a check of this script
 whose figures mean nothing.
 
 Run:  python benchmarks/gpu.py [--tiny] [--seq-lens 2048,4096] [--steps 3] [--turns 6]
-Needs the ``bench`` extra (trl, datasets). The last line of stdout is one JSON object.
+TRL's side needs the ``bench`` extra (trl, datasets); without it only a3t's trainer runs and the
+JSON says ``"trl_skipped"``. The last line of stdout is one JSON object.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import random
 import sys
@@ -59,8 +61,8 @@ def random_rows(n: int, seq_len: int, vocab: int, seed: int) -> list:
     ]
 
 
-def train_figures(folder: Path, device: str, seq_lens: list[int], steps: int) -> dict:
-    """tokens/s and peak memory of ours and TRL's trainer at each sequence length."""
+def train_figures(folder: Path, device: str, seq_lens: list[int], steps: int, kinds: tuple[str, ...]) -> dict:
+    """tokens/s and peak memory of each trainer in ``kinds`` ("ours", "trl") at each sequence length."""
     import torch
     from train_speed import run_trainer
 
@@ -74,7 +76,7 @@ def train_figures(folder: Path, device: str, seq_lens: list[int], steps: int) ->
     spec = {"device": device, "seed": 0, "batch_size": 1, "accumulation": 2, "steps": steps}
     for i, seq_len in enumerate(seq_lens):
         rows = random_rows(spec["accumulation"] * (steps + 1), seq_len, model.config.vocab_size, seed=i)
-        for kind in ("ours", "trl"):
+        for kind in kinds:
             if i == 0:  # one-time costs (cuBLAS workspaces, kernel compiles) count in no timed run
                 run_trainer(kind, model, tokenizer, rows, spec, warm_up_only=True)
             print(f"training {kind} at {seq_len} tokens ...", file=sys.stderr, flush=True)
@@ -160,7 +162,12 @@ def main() -> None:
         if device == "cuda":
             torch.cuda.empty_cache()
         fig["build_s"] = time.perf_counter() - t
-        train = train_figures(folder, device, seq_lens, args.steps)
+        kinds = ("ours", "trl")
+        if not all(importlib.util.find_spec(m) for m in ("trl", "datasets")):
+            kinds = ("ours",)
+            fig["trl_skipped"] = "trl or datasets is not installed (pip install -e '.[bench]')"
+            print(fig["trl_skipped"], file=sys.stderr)
+        train = train_figures(folder, device, seq_lens, args.steps, kinds)
         if device == "cuda":
             torch.cuda.empty_cache()
         fig.update(rollout_figures(folder, device, paper.rollout.parallel_episodes, args.turns,

@@ -1,6 +1,7 @@
 """benchmarks/gpu.py: skipped cleanly without CUDA; with --tiny its whole code path (4-bit load,
 both trainers, the engine's rollout) runs on the CPU and reports every figure."""
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -26,6 +27,10 @@ def test_without_cuda_the_benchmark_is_skipped_with_a_note():
 
 def test_tiny_runs_training_and_rollout_on_the_cpu():
     fig = run("--tiny", "--seq-lens", "32", "--steps", "1", "--turns", "1")
-    assert fig["train_ours_tok_s_32"] > 0 and fig["train_trl_tok_s_32"] > 0
+    assert fig["train_ours_tok_s_32"] > 0
+    if all(importlib.util.find_spec(m) for m in ("trl", "datasets")):  # the bench extra
+        assert fig["train_trl_tok_s_32"] > 0
+    else:
+        assert "trl_skipped" in fig
     assert fig["train_ours_peak_mib_32"] > 0
     assert fig["rollout_tokens"] > 0 and fig["rollout_tok_s"] > 0
