@@ -1,5 +1,5 @@
 """benchmarks/gpu.py: skipped cleanly without CUDA; with --tiny its whole code path (4-bit load,
-both trainers, the engine's rollout) runs on the CPU and reports every figure."""
+our trainer and, with the bench extra, TRL's, the engine's rollout) runs on the CPU and reports every figure."""
 
 import importlib.util
 import json
