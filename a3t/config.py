@@ -130,9 +130,9 @@ class LLMConfig(_Section):
     adapter: Optional[str] = Field(None, description="transformers: a peft adapter folder to apply.")
     load_in_4bit: bool = Field(False, description="transformers: load the weights in 4-bit nf4 (bitsandbytes).")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        # float32 on CPU by default: on a CPU with AVX512-BF16, a bfloat16 evaluation of the default
-        # campaign's round-0 adapter took as long as float32's (127 s against 125 s on 12 games),
-        # and greedy bfloat16 does not decode the same tokens as float32.
+        # float32 unless a profile says otherwise: greedy bfloat16 does not decode exactly the tokens
+        # float32 does (a batch's rounding differs from one row's), and the engine's exactness tests
+        # and benchmarks compare in float32. The CPU default profile uses auto.
         "float32", description="transformers: compute dtype. auto: bfloat16 on CUDA and on CPUs with native "
         "bfloat16 (AVX512-BF16), else float32 (bfloat16 is emulated there, and slow).",
     )
@@ -389,8 +389,12 @@ PROFILES: dict[str, dict] = {
         "agent": {"actre_tries": 1},
         # Thoughts only (the action is decoded separately); 2 retries of a failed task (paper: 40).
         # Temperature 0.4: at 0.7 the 135M policy won none of 48 train games that it wins greedily
-        # now and then. 16 episodes at once: a decode forward of 16 rows costs 1.4x one of 8.
-        "rollout": {"max_new_tokens": 40, "retry_max": 2, "temperature": 0.4, "parallel_episodes": 16},
+        # now and then. 32 episodes at once: a bfloat16 decode forward of 32 rows costs 1.3x one of
+        # 16, and 32 train games played 6 steps took 80 s against 97 s at 16 (2 cores).
+        "rollout": {"max_new_tokens": 40, "retry_max": 2, "temperature": 0.4, "parallel_episodes": 32},
+        # bfloat16 where the CPU computes it natively (AVX512-BF16), as training does: train games
+        # of 6 steps played by a round-1 policy: 42 s against 71 s in float32 (16 games, 2 cores).
+        "llm": {"dtype": "auto"},
         # sft: pg needs several successes per task to be stable (the paper warns), and here a task
         # has one at most. LoRA on every projection at 1e-3: q_proj/v_proj at 1e-4 barely move a
         # 135M model in a few epochs. Round 0: 2 epochs (the loss is down to 0.05); later rounds go

@@ -452,13 +452,19 @@ class TransformersLLM:
     def _forward(self, input_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Cache,
                  keep: int = 1) -> torch.Tensor:
         """Logits (float) of each row's last ``keep`` positions: rows x keep x vocabulary."""
+        width = input_ids.shape[1]
+        # The kept positions by index, not by slice: an index copies their hidden states into a
+        # contiguous tensor, whereas a slice of a prefill's last position is a strided view that
+        # the LM head's matmul multiplies with a weight expanded per row, which bfloat16 on a CPU
+        # materializes (the vocabulary's weights copied once per row: 40% of a prefill forward).
+        keep_at = keep if keep == width else torch.arange(width - keep, width, device=self.device)
         out = self.model(
             input_ids=input_ids,
             attention_mask=mask,
             position_ids=positions,
             cache=cache,
             use_cache=True,
-            logits_to_keep=keep,
+            logits_to_keep=keep_at,
             a3t_grouped=self._grouped and input_ids.shape[1] > 1 and keep > 1,
         )
         return out.logits.float()
