@@ -22,6 +22,11 @@ decoding, prompt, stop rules, ``max_new_tokens`` and step limit, in each action 
    i.e. the most decode throughput this model can give on this machine; our tokens/s
    (overall, and over decode forwards only) as a fraction of it.
 
+4. on a CPU with native bfloat16 (AVX512-BF16) and ``--dtype float32``: ours again with the model
+   in bfloat16 (the CPU default profile's ``llm.dtype=auto``), its tokens/s against ours in
+   float32 and the share of steps where it took the same action (bfloat16 is not exact against
+   float32; ``--no-bf16`` skips this).
+
 Greedy decoding is deterministic, so both sides must play the same episodes: the run checks
 that every thought, action and episode's token count is identical, and exits with status 1
 if not. That holds in float32 (the default ``--dtype``); in bfloat16 a batch's rounding differs
@@ -41,7 +46,7 @@ forward can get 10-40x slower; ``--threads 1`` is then the steadier measurement)
 
 Run:  python benchmarks/rollout_speed.py [--quick] [--model PATH] [--parallel N] [--steps N]
       [--max-new-tokens N] [--threads N] [--draft-tokens N] [--action-mode M] [--dtype D]
-      [--games DIR] [--profile FILE]
+      [--games DIR] [--profile FILE] [--no-bf16]
 The last line of stdout is one JSON object with the figures (DESIGN.md §5).
 """
 
@@ -377,6 +382,8 @@ def main() -> None:
                         help="the policy's action mode on both sides (default: both, one after the other)")
     parser.add_argument("--draft-tokens", type=int, default=DRAFT_TOKENS,
                         help=f"ours: prompt-lookup draft tokens per row and decode step (default {DRAFT_TOKENS}, 0: off)")
+    parser.add_argument("--no-bf16", action="store_true",
+                        help="skip ours in bfloat16 beside float32 (run by default where the CPU has native bfloat16)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -407,8 +414,14 @@ def main() -> None:
            "torch_threads": torch.get_num_threads(), "draft_tokens": args.draft_tokens, "dtype": dtype}
     modes = ["free", "constrained"] if args.action_mode == "both" else [args.action_mode]
     warm_up(llm, model, tokenizer)
+    bf16_llm = None
+    if dtype == "float32" and compute_dtype("auto", "cpu") == "bfloat16" and not args.no_bf16:
+        bf16_model, _ = load_model(model_path, dtype="bfloat16")
+        bf16_llm = TransformersLLM(model=bf16_model, tokenizer=tokenizer, name=model_path.name,
+                                   draft_tokens=args.draft_tokens)
+        warm_up(bf16_llm, bf16_model, tokenizer)
     for mode in modes:
-        fig[mode] = compare(mode, games, model, tokenizer, llm, n, steps, max_new_tokens, env_cfg, args)
+        fig[mode] = compare(mode, games, model, tokenizer, llm, n, steps, max_new_tokens, env_cfg, args, bf16_llm)
         fig[f"ratio_tok_s_{mode}"] = fig[mode]["ratio_tok_s"]
     fig["exact"] = all(fig[mode]["exact"] for mode in modes)
     fig["model_load_s"] = load_s
@@ -445,6 +458,9 @@ def main() -> None:
                   f"env start {f['ours_env_start_s']}, other {f['ours_other_s']}")
         out.print(f"  naive's {f['naive_wall_s']} s: generate {f['naive_generate_s']}, env steps {f['naive_env_step_s']}, "
                   f"env start {f['naive_env_start_s']}")
+        if "bf16_speedup_tok_s" in f:
+            out.print(f"  ours in bfloat16: {f['ours_bf16_tok_s']} tok/s, x{f['bf16_speedup_tok_s']} of float32's; "
+                      f"same action as float32 at {f['bf16_actions_agree']:.0%} of steps")
     out.print(f"wall {fig['wall_s']} s")
     if fig["contended"]:
         out.print(f"[bold red]warning[/]: cpu/wall far below {torch.get_num_threads()} threads (load average "
@@ -469,7 +485,7 @@ def warm_up(llm: TransformersLLM, model, tokenizer) -> None:
 
 
 def compare(mode: str, games, model, tokenizer, llm, n: int, steps: int, max_new_tokens: int, env_cfg: EnvConfig,
-            args) -> dict:
+            args, bf16_llm: TransformersLLM | None = None) -> dict:
     """Both sides in one action mode, then their figures, with the decode ceiling measured right
     after each side (the load on a shared machine drifts: the median of both)."""
     cfg = RolloutConfig().model_copy(update={
@@ -485,6 +501,7 @@ def compare(mode: str, games, model, tokenizer, llm, n: int, steps: int, max_new
     console.print(f"{mode} actions, ours: {n} games, {n} episodes at once, <= {steps} steps, "
                   f"<= {max_new_tokens} new tokens a turn")
     ours = run_ours(games, llm, cfg, env_cfg, args.profile and f"{args.profile}.{mode}", mode)
+    ours_bf16 = run_ours(games, bf16_llm, cfg, env_cfg, None, mode) if bf16_llm else None
     lengths = context_lengths(ours["trajectories"], tokenizer, env_cfg.phrasing)
     mean_completion = ours["completion_tokens"] / max(ours["env_steps"], 1)
     # A decode step attends to the prompt plus the tokens generated so far: mid-turn, half of them.
@@ -535,6 +552,12 @@ def compare(mode: str, games, model, tokenizer, llm, n: int, steps: int, max_new
     # A process that got its cores shows cpu/wall near its thread count. Far below it, other
     # processes took the cores, and with several threads each op then waits for its slowest one.
     fig["contended"] = min(fig["ours_cpu_per_wall"], fig["naive_cpu_per_wall"]) < 0.8 * torch.get_num_threads()
+    if ours_bf16:
+        fig["ours_bf16_wall_s"] = ours_bf16["wall_s"]
+        fig["ours_bf16_tok_s"] = ours_bf16["completion_tokens"] / ours_bf16["wall_s"]
+        fig["bf16_speedup_tok_s"] = fig["ours_bf16_tok_s"] / fig["ours_tok_s"]
+        pairs = [(a, b) for g, steps in ours["steps"].items() for a, b in zip(steps, ours_bf16["steps"].get(g, []))]
+        fig["bf16_actions_agree"] = sum(a.action == b.action for a, b in pairs) / max(len(pairs), 1)
     return fig
 
 
