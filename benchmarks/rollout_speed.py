@@ -556,15 +556,20 @@ def compare(mode: str, games, model, tokenizer, llm, n: int, steps: int, max_new
         fig["ours_bf16_wall_s"] = ours_bf16["wall_s"]
         fig["ours_bf16_tok_s"] = ours_bf16["completion_tokens"] / ours_bf16["wall_s"]
         fig["bf16_speedup_tok_s"] = fig["ours_bf16_tok_s"] / fig["ours_tok_s"]
-        pairs = [(a, b) for g, steps in ours["steps"].items() for a, b in zip(steps, ours_bf16["steps"].get(g, []))]
+        pairs = step_pairs(ours, ours_bf16)
         fig["bf16_actions_agree"] = sum(a.action == b.action for a, b in pairs) / max(len(pairs), 1)
     return fig
+
+
+def step_pairs(a: dict, b: dict) -> list[tuple[StepRecord, StepRecord]]:
+    """The steps two runs played in the same game at the same turn."""
+    return [(x, y) for g, steps in a["steps"].items() for x, y in zip(steps, b["steps"].get(g, []))]
 
 
 def agreement(ours: dict, naive: dict) -> dict:
     """Share of steps with the same action and thought, of episodes with the same completion
     tokens; exact when all are 100% and both played the same steps."""
-    pairs = [(a, b) for g, steps in ours["steps"].items() for a, b in zip(steps, naive["steps"].get(g, []))]
+    pairs = step_pairs(ours, naive)
     games = list(ours["tokens"])
     fig = {"actions_agree": sum(a.action == b.action for a, b in pairs) / max(len(pairs), 1),
            "thoughts_agree": sum(a.thought == b.thought for a, b in pairs) / max(len(pairs), 1),

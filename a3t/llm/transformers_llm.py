@@ -465,7 +465,7 @@ class TransformersLLM:
             cache=cache,
             use_cache=True,
             logits_to_keep=keep_at,
-            a3t_grouped=self._grouped and input_ids.shape[1] > 1 and keep > 1,
+            a3t_grouped=self._grouped and width > 1 and keep > 1,
         )
         return out.logits.float()
 
