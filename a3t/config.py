@@ -201,6 +201,11 @@ class RolloutConfig(_Section):
         2, ge=0, description="Most retries of a failed task (paper: ALFWorld 40, WebShop 20; CPU default: 2)."
     )
     stop_at_first_success: bool = Field(True, description="Stop retrying a task once an attempt succeeds.")
+    greedy_first_attempt: bool = Field(
+        False, description="A round's first play of each train task is greedy and explores nothing (the policy's own "
+        "best try); only the retries of the tasks it fails explore, at the rollout temperature (our choice for small "
+        "models). False: every attempt samples and explores (paper).",
+    )
     seed: int = Field(0, description="Seed of exploration and sampling; each episode derives its own.")
 
 
@@ -316,6 +321,11 @@ class PipelineConfig(_Section):
         True, description="Round 0 also plays the train tasks with the prompted base model (paper); False: round 0 "
         "learns from the annotated walkthroughs alone (a model too small to win unaided plays for nothing).",
     )
+    new_train_tasks_each_round: bool = Field(
+        False, description="Each round plays the next pipeline.train_tasks train tasks (after the walkthroughs'; "
+        "from the start again once the split runs out) instead of the same ones every round (paper: the same, all "
+        "of them). More tasks give more successes to learn from than replaying the tasks already played.",
+    )
     rollout_shards: int = Field(
         1, ge=1, description="Rollout tasks a round's train games are split into; they run concurrently."
     )
@@ -382,16 +392,19 @@ PROFILES: dict[str, dict] = {
     # The CPU default: SmolLM2-135M on 2 cores, 3 rounds, evaluated on 24 valid_unseen games (4 per
     # task type) and 12 valid_seen. Each choice is tuned for a model that small on a CPU:
     "default": {
-        # 48 train games whose walkthroughs round 0 learns from, and 48 others that rounds 1-2 play.
-        "games": {"train": 96, "valid_seen": 12, "valid_unseen": 24},
+        # 48 train games whose walkthroughs round 0 learns from, and 64 new ones for each of rounds 1-2.
+        "games": {"train": 176, "valid_seen": 12, "valid_unseen": 24},
         # One greedy ActRe try per explored step, then the plan's reason: a 135M model's reasons fail
         # the checks about two times in three, and each try costs a prefill of the ActRe prompt.
         "agent": {"actre_tries": 1},
-        # Thoughts only (the action is decoded separately); 2 retries of a failed task (paper: 40).
-        # Temperature 0.4: at 0.7 the 135M policy won none of 48 train games that it wins greedily
-        # now and then. 32 episodes at once: a bfloat16 decode forward of 32 rows costs 1.3x one of
-        # 16, and 32 train games played 6 steps took 80 s against 97 s at 16 (2 cores).
-        "rollout": {"max_new_tokens": 40, "retry_max": 2, "temperature": 0.4, "parallel_episodes": 32},
+        # Thoughts only (the action is decoded separately). The first play of a task is greedy and
+        # explores nothing, its one retry (paper: up to 40) explores at temperature 0.4: a round-0
+        # policy won 6 of 48 train games greedily without exploration (165 s), 3 greedily with
+        # exploration (205 s) and 3 at 0.4 with it; at 0.7 it won none. A retry found a success in
+        # 2-5 of ~88 (2 each). 32 episodes at once: a bfloat16 decode forward of 32 rows costs 1.3x
+        # one of 16, and 32 train games played 6 steps took 80 s against 97 s at 16 (2 cores).
+        "rollout": {"max_new_tokens": 40, "retry_max": 1, "temperature": 0.4, "parallel_episodes": 32,
+                    "greedy_first_attempt": True},
         # bfloat16 where the CPU computes it natively (AVX512-BF16), as training does: train games
         # of 6 steps played by a round-1 policy: 42 s against 71 s in float32 (16 games, 2 cores).
         "llm": {"dtype": "auto"},
@@ -412,10 +425,11 @@ PROFILES: dict[str, dict] = {
         "eval": {"tasks": None, "attempts": 1},
         # Round 0 learns from 48 planner walkthroughs (8 per task type) that first search 0-2 other
         # receptacles, their thoughts the plan's reasons: the prompted 135M model wins none of 24
-        # valid_unseen games, and its ActRe reasons invent things a third of the time. Rounds 1-2
-        # play the 48 other train games.
-        "pipeline": {"rounds": 3, "train_tasks": 48, "annotate_walkthroughs": 48, "walkthrough_reasons": "plan",
-                     "walkthrough_detours": 2, "play_round_0": False},
+        # valid_unseen games, and its ActRe reasons invent things a third of the time. Rounds 1 and 2
+        # each play 64 train games not played before (replaying round 1's games, round 2 won 3 of its
+        # 10 on tasks round 1 had won; a greedy first play would mostly repeat round 1's wins).
+        "pipeline": {"rounds": 3, "train_tasks": 64, "annotate_walkthroughs": 48, "walkthrough_reasons": "plan",
+                     "walkthrough_detours": 2, "play_round_0": False, "new_train_tasks_each_round": True},
     },
     # The A3T paper's setup (ALFWorld, Mistral-7B-Instruct-v0.2 on one GPU). The model comes from
     # a local path or the HF cache: set llm.model to a folder if it is not cached.

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from a3t.config import Config
+from a3t.config import Config, RolloutConfig
 from a3t.envs.spec import env_spec
 from a3t.evaluate import Decision, SplitRates, held_out_score, is_new_champion, rate_text
 from a3t.progress import rollout_bar
@@ -186,13 +186,22 @@ def load_agents(cfg: Config, adapter: str | Path | None = None, need_policy: boo
     return (policy if need_policy else None), annotator
 
 
-def train_tasks(cfg: Config, ws: Workspace) -> list[Task]:
+def train_tasks(cfg: Config, ws: Workspace, round_: int | None = None) -> list[Task]:
     """The train tasks a round plays: ``pipeline.train_tasks`` train games (spread over task types)
     or WebShop train goals, those after the ones whose walkthroughs round 0 annotates (their
-    successes are in the data already: playing them again would teach little new)."""
+    successes are in the data already: playing them again would teach little new). With
+    ``pipeline.new_train_tasks_each_round``, the playing rounds take consecutive blocks of them,
+    from the start again once the split runs out."""
     first, n = cfg.pipeline.annotate_walkthroughs, cfg.pipeline.train_tasks
-    end = None if n is None else first + n
-    return env_spec(cfg.env.name).tasks(cfg, ws.path(cfg.games.root), "train", end)[first:]
+    spec, root = env_spec(cfg.env.name), ws.path(cfg.games.root)
+    if n is None:
+        return spec.tasks(cfg, root, "train", None)[first:]
+    block = 0
+    if cfg.pipeline.new_train_tasks_each_round and round_ is not None:
+        block = max(round_ - (0 if cfg.pipeline.play_round_0 else 1), 0)  # the first playing round takes block 0
+    tasks = spec.tasks(cfg, root, "train", first + (block + 1) * n)[first:]
+    start = block * n % max(len(tasks), 1)
+    return (tasks[start:] + tasks[:start])[:n]
 
 
 def eval_games_root(cfg: Config, ws: Workspace) -> Path:
@@ -234,11 +243,11 @@ def play_train_games(cfg: Config, ws: Workspace, round_: int, shard: int = 0, re
     retries of the tasks whose first attempt failed. Both write the shard's store."""
     from a3t.rollout import rollout
 
-    tasks = train_tasks(cfg, ws)[shard :: cfg.pipeline.rollout_shards]
+    tasks = train_tasks(cfg, ws, round_)[shard :: cfg.pipeline.rollout_shards]
     store = TrajectoryStore(ws.round_data(round_) / f"rollout-{shard}.jsonl")
     adapter = policy_adapter(ws, round_ - 1)
     policy, annotator = load_agents(cfg, adapter=adapter)
-    rollout_cfg = cfg.rollout if retries else cfg.rollout.model_copy(update={"retry_max": 0})
+    rollout_cfg = stage_rollout_config(cfg.rollout, retries)
     label = f"round {round_}: {'retry failed tasks' if retries else 'play train games'}"
     if cfg.pipeline.rollout_shards > 1:
         label += f" (shard {shard})"
@@ -246,6 +255,15 @@ def play_train_games(cfg: Config, ws: Workspace, round_: int, shard: int = 0, re
         stats = rollout(tasks, store, policy, annotator, rollout_cfg, cfg.env, round_=round_, on_progress=show,
                         action_mode=cfg.agent.action_mode, with_example=shows_example(cfg, adapter))
     return _stats(stats, store)
+
+
+def stage_rollout_config(rollout_cfg: RolloutConfig, retries: bool) -> RolloutConfig:
+    """The rollout settings of a round's stage: the first plays (no retry; greedy and without
+    exploration under ``rollout.greedy_first_attempt``) or the retries of the failed tasks."""
+    if retries:
+        return rollout_cfg
+    greedy = {"temperature": 0.0, "p_explore": 0.0} if rollout_cfg.greedy_first_attempt else {}
+    return rollout_cfg.model_copy(update={"retry_max": 0} | greedy)
 
 
 def shows_example(cfg: Config, adapter: str | Path | None) -> bool:

@@ -12,6 +12,8 @@ from a3t.pipeline import (
     build_training_set,
     eval_games_root,
     remove_rounds_after,
+    stage_rollout_config,
+    train_tasks,
 )
 from a3t.envs.spec import spread_over_task_types
 from a3t.evaluate import SplitRates, success_rates
@@ -81,6 +83,39 @@ def test_evaluation_games_cover_every_task_type(tmp_path, monkeypatch):
     assert len(played) == 2 and played[0] == played[1]
     types = sorted(task_id.split("/")[-2].split("-")[0] for task_id in played[0])  # valid_unseen/<task>/trial
     assert types == ["look_at_obj", "pick_and_place", "pick_two_obj"]
+
+
+def _train_games(root: Path, count: int) -> None:
+    for i in range(count):
+        game = root / "games" / "json_2.1.1" / "train" / f"pick_and_place_simple-Obj-None-Desk-{i:02d}" / "trial" / "game.tw-pddl"
+        game.parent.mkdir(parents=True)
+        game.write_text("{}")
+
+
+def test_each_round_plays_the_next_train_tasks_and_wraps_around(tmp_path):
+    """After the walkthroughs' 2 games, blocks of 3 of the 10: rounds 1, 2, 3 (round 0 plays none)."""
+    _train_games(tmp_path, 10)
+    ws = Workspace(tmp_path, "c")
+    cfg = load_config(overrides=["games.root=games", "pipeline.annotate_walkthroughs=2", "pipeline.train_tasks=3",
+                                 "pipeline.play_round_0=false", "pipeline.new_train_tasks_each_round=true"])
+
+    def played(round_):
+        return [int(t.task_id.split("-")[-1].split("/")[0]) for t in train_tasks(cfg, ws, round_)]
+
+    assert played(1) == [2, 3, 4] and played(2) == [5, 6, 7]
+    assert played(3) == [8, 9, 2]  # the split runs out: from its start again
+    same = cfg.model_copy(update={"pipeline": cfg.pipeline.model_copy(update={"new_train_tasks_each_round": False})})
+    assert [t.task_id for t in train_tasks(same, ws, 3)] == [t.task_id for t in train_tasks(cfg, ws, 1)]
+
+
+def test_first_plays_are_greedy_and_explore_nothing_only_when_asked():
+    paper = load_config(profile="paper").rollout
+    assert (stage_rollout_config(paper, False).temperature, stage_rollout_config(paper, False).p_explore) == (
+        paper.temperature, paper.p_explore)
+    cpu = load_config().rollout
+    first, retries = stage_rollout_config(cpu, False), stage_rollout_config(cpu, True)
+    assert (first.temperature, first.p_explore, first.retry_max) == (0.0, 0.0, 0)
+    assert (retries.temperature, retries.p_explore) == (cpu.temperature, cpu.p_explore) and retries.p_explore > 0
 
 
 def test_training_set_keeps_every_round_and_only_nonzero_weights(tmp_path):
