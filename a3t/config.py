@@ -398,11 +398,12 @@ PROFILES: dict[str, dict] = {
         # the checks about two times in three, and each try costs a prefill of the ActRe prompt.
         "agent": {"actre_tries": 1},
         # Thoughts only (the action is decoded separately). The first play of a task is greedy and
-        # explores nothing, its one retry (paper: up to 40) explores at temperature 0.4: a round-0
+        # explores nothing; its one retry (paper: up to 40) explores at temperature 0.4. A round-0
         # policy won 6 of 48 train games greedily without exploration (165 s), 3 greedily with
-        # exploration (205 s) and 3 at 0.4 with it; at 0.7 it won none. A retry found a success in
-        # 2-5 of ~88 (2 each). 32 episodes at once: a bfloat16 decode forward of 32 rows costs 1.3x
-        # one of 16, and 32 train games played 6 steps took 80 s against 97 s at 16 (2 cores).
+        # exploration (205 s) and 3 at 0.4 with it; at 0.7 it won none. Exploring retries find few
+        # (1 of 58 and 2 of 51 in rounds 1-2; two retries a task found 2 and 5 in ~88 for 9-10 minutes).
+        # 32 episodes at once: a bfloat16 decode forward of 32 rows costs 1.3x one of 16, and 32
+        # train games played 6 steps took 80 s against 97 s at 16 (2 cores).
         "rollout": {"max_new_tokens": 40, "retry_max": 1, "temperature": 0.4, "parallel_episodes": 32,
                     "greedy_first_attempt": True},
         # bfloat16 where the CPU computes it natively (AVX512-BF16), as training does: train games
