@@ -198,7 +198,7 @@ class RolloutConfig(_Section):
     actre_max_new_tokens: int = Field(64, ge=8, description="Most tokens of one ActRe reason.")
     retry_min: int = Field(0, ge=0, description="Retries of a failed task that run even after a success (WebShop: 3).")
     retry_max: int = Field(
-        2, ge=0, description="Most retries of a failed task (paper: ALFWorld 40, WebShop 20; CPU default: 2)."
+        2, ge=0, description="Most retries of a failed task (paper: ALFWorld 40, WebShop 20; CPU default profile: 1)."
     )
     stop_at_first_success: bool = Field(True, description="Stop retrying a task once an attempt succeeds.")
     greedy_first_attempt: bool = Field(

@@ -86,8 +86,9 @@ def test_evaluation_games_cover_every_task_type(tmp_path, monkeypatch):
 
 
 def _train_games(root: Path, count: int) -> None:
+    split = root / "games" / "json_2.1.1" / "train"
     for i in range(count):
-        game = root / "games" / "json_2.1.1" / "train" / f"pick_and_place_simple-Obj-None-Desk-{i:02d}" / "trial" / "game.tw-pddl"
+        game = split / f"pick_and_place_simple-Obj-None-Desk-{i:02d}" / "trial" / "game.tw-pddl"
         game.parent.mkdir(parents=True)
         game.write_text("{}")
 
@@ -110,8 +111,8 @@ def test_each_round_plays_the_next_train_tasks_and_wraps_around(tmp_path):
 
 def test_first_plays_are_greedy_and_explore_nothing_only_when_asked():
     paper = load_config(profile="paper").rollout
-    assert (stage_rollout_config(paper, False).temperature, stage_rollout_config(paper, False).p_explore) == (
-        paper.temperature, paper.p_explore)
+    first = stage_rollout_config(paper, False)
+    assert (first.temperature, first.p_explore, first.retry_max) == (paper.temperature, paper.p_explore, 0)
     cpu = load_config().rollout
     first, retries = stage_rollout_config(cpu, False), stage_rollout_config(cpu, True)
     assert (first.temperature, first.p_explore, first.retry_max) == (0.0, 0.0, 0)
