@@ -1,4 +1,5 @@
 import json
+import os
 import subprocess
 import sys
 
@@ -158,3 +159,19 @@ def test_annotate_and_rollout_commands_run_the_pipelines_steps(games_root, tmp_p
     assert len(list(TrajectoryStore(played).read())) == 1
     result = runner.invoke(app, ["rollout", "--split", "nope", "--out", str(played), *common])
     assert result.exit_code == 1
+
+
+def test_openmp_threads_sleep_only_when_workers_share_the_cores(monkeypatch):
+    from a3t.config import load_config
+    from a3t.orchestration.cli import _openmp_wait_policy
+
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    _openmp_wait_policy(load_config(profile="smoke"))
+    assert "OMP_WAIT_POLICY" not in os.environ  # alone on the cores: OpenMP's default
+    for override in ("pipeline.rollout_shards=2", "pipeline.task_runner=dask"):
+        monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+        _openmp_wait_policy(load_config(overrides=[override], profile="smoke"))
+        assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    _openmp_wait_policy(load_config(overrides=["pipeline.rollout_shards=2"], profile="smoke"))
+    assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"  # the user's choice wins
