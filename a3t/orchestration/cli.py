@@ -287,9 +287,9 @@ def _run_flow(flow_fn, **params):
 def _openmp_wait_policy(cfg: Config) -> None:
     """Let OpenMP's threads sleep between torch ops when several workers of the campaign share
     the cores (rollout shards, Dask or Ray processes); a campaign alone on them keeps OpenMP's
-    default, a short busy-wait. On 2 cores, sleeping threads made the default campaign's rollouts
-    1.3x and its training 1.14x slower; with a busy process beside it, busy-waiting made a
-    forward 2.2x slower than sleeping. Set before torch loads OpenMP (this process's threads) and
+    default, a short busy-wait. On 2 cores, in a process of their own, sleeping threads made 32
+    of a default campaign's first plays 1.28x slower and its trainer 1.14x; with a busy process
+    beside it, busy-waiting made a forward 2.2x slower than sleeping. Set before torch loads OpenMP (this process's threads) and
     before a cluster starts its workers; the user's own OMP_WAIT_POLICY wins."""
     if cfg.pipeline.rollout_shards > 1 or cfg.pipeline.task_runner != "thread":
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
