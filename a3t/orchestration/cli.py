@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import sys
 import time
-
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -289,8 +288,8 @@ def _openmp_wait_policy(cfg: Config) -> None:
     the cores (rollout shards, Dask or Ray processes); a campaign alone on them keeps OpenMP's
     default, a short busy-wait. On 2 cores, in a process of their own, sleeping threads made 32
     of a default campaign's first plays 1.28x slower and its trainer 1.14x; with a busy process
-    beside it, busy-waiting made a forward 2.2x slower than sleeping. Set before torch loads OpenMP (this process's threads) and
-    before a cluster starts its workers; the user's own OMP_WAIT_POLICY wins."""
+    beside it, busy-waiting made a forward 2.2x slower than sleeping. Set before torch loads
+    OpenMP and before a cluster starts its workers; the user's own OMP_WAIT_POLICY wins."""
     if cfg.pipeline.rollout_shards > 1 or cfg.pipeline.task_runner != "thread":
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 

@@ -175,16 +175,10 @@ def _round_steps(cfg: Config, workspace: str, k: int, parent_id: str, run_id: st
     play = k > 0 or cfg.pipeline.play_round_0
     for stage, step in (("rollout", steps.rollout_shard), ("explore", steps.explore_failures)) if play else ():
         with _timed(times, stage):
-            if cfg.pipeline.rollout_shards == 1 and cfg.pipeline.task_runner == "thread":
-                # On the flow's thread, as training and evaluation: OpenMP gives each thread that
-                # runs torch its own team of threads, and with more of them than cores its threads
-                # stop busy-waiting (decode forwards 1.5x slower on 2 cores).
-                played.append(step.with_options(**llm_step)(cfg, workspace, k, 0))
-            else:
-                futures = [step.with_options(**llm_step).submit(cfg, workspace, k, shard)
-                           for shard in range(cfg.pipeline.rollout_shards)]
-                wait(futures)
-                played += [f.result() for f in futures]
+            futures = [step.with_options(**llm_step).submit(cfg, workspace, k, shard)
+                       for shard in range(cfg.pipeline.rollout_shards)]
+            wait(futures)
+            played += [f.result() for f in futures]
     with _timed(times, "filter"):
         data = steps.filter_trajectories(cfg, workspace, k)
     with _timed(times, "version"):
