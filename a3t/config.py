@@ -248,6 +248,11 @@ class TrainConfig(_Section):
         True, description="Train each round from the base model on all data (paper); False: continue the last adapter."
     )
     seed: int = Field(0, description="Seed of LoRA init and data order.")
+    own_process: bool = Field(
+        True, description="The campaign trains each round in a child process (our choice): its memory goes back "
+        "to the system when it ends, and the rollouts and evaluations after it do not run on a heap that "
+        "training fragmented (default campaign, 2 cores: 44 minutes against 50.6).",
+    )
 
 
 class EvalConfig(_Section):

@@ -20,8 +20,11 @@ Workspace layout (relative to the workspace root, the directory ``a3t run`` runs
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import shutil
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -325,14 +328,34 @@ def _by_source(trajectories: list[Trajectory]) -> dict[str, int]:
 def train_round(cfg: Config, ws: Workspace, round_: int) -> dict:
     """Train round k's adapter on its training set (from the base model, or from round k-1's
     adapter when train.from_base_each_round is false). Returns the training statistics; a
-    finished adapter is not trained again."""
-    from a3t.data import load_trajectories
-
+    finished adapter is not trained again; ``train.own_process``: in a child process."""
     stats_file = ws.adapter(round_) / "train_stats.json"
     if stats_file.is_file():
         return json.loads(stats_file.read_text())
-    return train_policy(cfg, load_trajectories([ws.round_data(round_) / TRAIN_SET]), ws.adapter(round_).parent,
-                        round_, previous=policy_adapter(ws, round_ - 1))
+    args = (cfg, ws.round_data(round_) / TRAIN_SET, ws.adapter(round_).parent, round_, policy_adapter(ws, round_ - 1))
+    if not cfg.train.own_process:
+        return _train_on_file(*args)
+    return in_child_process(_train_on_file, *args, what=f"round {round_}'s training")
+
+
+def in_child_process(fn, *args, what: str):
+    """``fn(*args)`` in a fresh Python process (its exceptions raised here); ``what`` names it in
+    the error when the process ends without an answer. Spawned, not forked: a fork would copy
+    the parent's OpenMP threads' state and its locks."""
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as child:
+        try:
+            return child.submit(fn, *args).result()
+        except BrokenProcessPool:
+            raise RuntimeError(
+                f"{what}: its process ended abruptly (killed? out of memory?); a rerun resumes from the "
+                "last checkpoint"
+            ) from None
+
+
+def _train_on_file(cfg: Config, train_set: Path, out: Path, round_: int, previous: Path | None) -> dict:
+    from a3t.data import load_trajectories
+
+    return train_policy(cfg, load_trajectories([train_set]), out, round_, previous=previous)
 
 
 def train_policy(cfg: Config, trajectories: list, out: Path, round_: int, previous: Path | None = None) -> dict:

@@ -383,3 +383,26 @@ def test_an_error_before_the_output_folder_exists_is_not_taken_for_a_full_disk(t
 
     assert not _disk_full(tmp_path / "round_0" / "train", RuntimeError("a shape mismatch"))
     assert _disk_full(tmp_path / "round_0" / "train", RuntimeError("No space left on device (os error 28)"))
+
+
+def test_a_campaign_round_trains_in_a_child_process_as_in_its_own(tmp_path):
+    """train.own_process: the adapter a spawned process trains for a round is bit for bit the one
+    the campaign's process would train itself; a child process that dies is a clear error."""
+    from a3t.config import load_config
+    from a3t.pipeline import Workspace, build_training_set, in_child_process, train_round
+    from a3t.trajectory import TrajectoryStore
+
+    adapters = []
+    for own in ("true", "false"):
+        cfg = load_config(profile="smoke", overrides=[f"train.own_process={own}", "train.epochs_first_round=1"])
+        ws = Workspace(tmp_path / own, "camp")
+        played = TrajectoryStore(ws.round_data(0) / "rollout-0.jsonl")
+        for n, won in enumerate((True, False, True)):
+            played.append(traj("t", won, n))
+        build_training_set(cfg, ws, 0)
+        assert train_round(cfg, ws, 0)["examples"] == 3
+        adapters.append(load_file(str(ws.adapter(0) / ADAPTER_FILE)))
+    assert adapters[0].keys() == adapters[1].keys()
+    assert all(torch.equal(adapters[0][k], adapters[1][k]) for k in adapters[0])
+    with pytest.raises(RuntimeError, match="the test child: its process ended abruptly"):
+        in_child_process(os._exit, 3, what="the test child")
