@@ -459,7 +459,8 @@ PROFILES: dict[str, dict] = {
         "games": {"train": 6, "valid_seen": 2, "valid_unseen": 2},
         "env": {"max_steps": 6},
         "rollout": {"max_new_tokens": 16, "actre_max_new_tokens": 12, "retry_max": 1},
-        "train": {"epochs_first_round": 2, "epochs_later_rounds": 1, "max_length": 1024},
+        # own_process off: a tiny model leaves no heap to speak of, and a child's imports cost more than its training.
+        "train": {"epochs_first_round": 2, "epochs_later_rounds": 1, "max_length": 1024, "own_process": False},
         "eval": {"attempts": 2},
         "pipeline": {"rounds": 2, "train_tasks": 4, "annotate_walkthroughs": 2},
         # A small shop for env.name=webshop (built in a few hundredths of a second).
