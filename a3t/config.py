@@ -338,6 +338,12 @@ class PipelineConfig(_Section):
         "thread", description="Where concurrent tasks run: Prefect's thread pool, or Dask / Ray workers."
     )
     task_workers: int = Field(2, ge=1, description="Workers of the Dask or Ray task runner (local cluster).")
+    allocator: Literal["mimalloc", "system"] = Field(
+        "mimalloc",
+        description="C memory allocator of `a3t run` and `a3t round` (Linux): 'mimalloc' (the cmeel-mimalloc wheel; "
+        "the command restarts itself with it in LD_PRELOAD, which its child processes inherit) or 'system' "
+        "(glibc's malloc, whose heap fragments over a campaign until PyTorch's allocations are slow).",
+    )
     llm_task_retries: int = Field(
         2, ge=0, description="Prefect retries of a task that calls an LLM (rollout, annotate, evaluate)."
     )
@@ -462,7 +468,9 @@ PROFILES: dict[str, dict] = {
         # own_process off: a tiny model leaves no heap to speak of, and a child's imports cost more than its training.
         "train": {"epochs_first_round": 2, "epochs_later_rounds": 1, "max_length": 1024, "own_process": False},
         "eval": {"attempts": 2},
-        "pipeline": {"rounds": 2, "train_tasks": 4, "annotate_walkthroughs": 2},
+        # The system allocator: a tiny model's heap stays small, and tests run the campaign inside
+        # pytest's own process, which a restart with another allocator would replace.
+        "pipeline": {"rounds": 2, "train_tasks": 4, "annotate_walkthroughs": 2, "allocator": "system"},
         # A small shop for env.name=webshop (built in a few hundredths of a second).
         "webshop": {"products": 200, "train_goals": 20, "test_goals": 4},
     },

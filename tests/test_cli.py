@@ -175,3 +175,30 @@ def test_openmp_threads_sleep_only_when_workers_share_the_cores(monkeypatch):
     monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
     _openmp_wait_policy(load_config(overrides=["pipeline.rollout_shards=2"], profile="smoke"))
     assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"  # the user's choice wins
+
+
+def test_a_campaign_command_restarts_itself_once_with_mimalloc(monkeypatch):
+    import pytest
+
+    from a3t.config import load_config
+    from a3t.orchestration import cli
+
+    if sys.platform != "linux":
+        pytest.skip("the allocator is preloaded on Linux only")
+    execs = []
+    monkeypatch.setattr(os, "execv", lambda path, argv: execs.append((path, argv)))
+    monkeypatch.setenv("LD_PRELOAD", "/opt/user.so")
+    monkeypatch.delenv("MIMALLOC_PURGE_DELAY", raising=False)
+    cli._restart_with_mimalloc(load_config(profile="smoke"))  # smoke: the system allocator
+    assert not execs
+    cli._restart_with_mimalloc(load_config())
+    lib = str(cli._mimalloc_library())
+    assert execs == [(sys.executable, sys.orig_argv)]  # the same command, in place
+    assert os.environ["LD_PRELOAD"] == f"{lib}:/opt/user.so" and os.environ["MIMALLOC_PURGE_DELAY"] == "-1"
+    cli._restart_with_mimalloc(load_config())  # the restarted process: no second restart
+    assert len(execs) == 1
+    # The library the restart preloads is a working allocator for Python and torch.
+    maps = subprocess.run([sys.executable, "-c", "import torch; torch.ones(1 << 20).sum(); "
+                           "print(open('/proc/self/maps').read())"],
+                          env={**os.environ, "LD_PRELOAD": lib}, capture_output=True, text=True, check=True).stdout
+    assert lib in maps
