@@ -340,7 +340,7 @@ class PipelineConfig(_Section):
     task_workers: int = Field(2, ge=1, description="Workers of the Dask or Ray task runner (local cluster).")
     allocator: Literal["mimalloc", "system"] = Field(
         "mimalloc",
-        description="C memory allocator of `a3t run` and `a3t round` (Linux): 'mimalloc' (the cmeel-mimalloc wheel; "
+        description="C memory allocator of `a3t run`, `round` and `serve` (Linux): 'mimalloc' (the cmeel-mimalloc wheel; "
         "the command restarts itself with it in LD_PRELOAD, which its child processes inherit) or 'system' "
         "(glibc's malloc, whose heap fragments over a campaign until PyTorch's allocations are slow).",
     )

@@ -330,8 +330,16 @@ def _restart_with_mimalloc(cfg: Config) -> None:
     os.execv(sys.executable, sys.orig_argv)
 
 
-def _with_task_runner(flow_fn, cfg: Config):
+def _campaign_config(path: Path | None, overrides: list[str], profile: str) -> Config:
+    """The config of a command whose process runs the campaign (run, round, serve), and that
+    process set up for it before anything loads torch: its allocator, its OpenMP threads."""
+    cfg = _config(path, overrides, profile)
+    _restart_with_mimalloc(cfg)
     _openmp_wait_policy(cfg)
+    return cfg
+
+
+def _with_task_runner(flow_fn, cfg: Config):
     from a3t.orchestration.flows.self_improve import task_runner
 
     return flow_fn.with_options(task_runner=task_runner(cfg.pipeline))
@@ -346,8 +354,7 @@ def run_command(
 ) -> None:
     """Run the self-improvement campaign in this directory: rounds of rollout, ActRe exploration,
     filtering, DVC versioning, QLoRA training, evaluation and MLflow tracking. A rerun resumes."""
-    cfg = _config(config, overrides or [], profile)
-    _restart_with_mimalloc(cfg)
+    cfg = _campaign_config(config, overrides or [], profile)
     from a3t.orchestration.flows.self_improve import self_improve
 
     started = time.perf_counter()
@@ -363,8 +370,7 @@ def round_command(
     round_: Annotated[Optional[int], typer.Option("--round", help="Round to run (default: the next one).")] = None,
 ) -> None:
     """Run one round of the campaign (the DVC stage `round` calls this)."""
-    cfg = _config(config, overrides or [], profile)
-    _restart_with_mimalloc(cfg)
+    cfg = _campaign_config(config, overrides or [], profile)
     from a3t.orchestration.flows.self_improve import one_round
 
     _run_flow(_with_task_runner(one_round, cfg), config_file=_str(config), profile=profile,
@@ -419,7 +425,7 @@ def serve_command(
 ) -> None:
     """Serve the self-improvement flow as a scheduled Prefect deployment: each run continues the
     campaign with more rounds. Uses the server at PREFECT_API_URL, else starts a local one."""
-    cfg = _config(config, overrides or [], profile)
+    cfg = _campaign_config(config, overrides or [], profile)
     _prefect_env()
     from a3t.orchestration.flows.serve import prefect_server
 
