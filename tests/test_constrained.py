@@ -64,9 +64,9 @@ choice_sets = st.lists(
 
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(sets=st.lists(choice_sets, min_size=1, max_size=4), temperature=st.sampled_from([0.0, 1.0]),
-       drafts=st.sampled_from([0, 4]), seed=st.integers(0, 10))
-def test_constrained_rows_only_write_one_of_their_choices(llm, sets, temperature, drafts, seed):
-    llm.draft_tokens = drafts
+       drafts=st.sampled_from([0, 4]), seed=st.integers(0, 10), lanes=st.sampled_from([1, 2]))
+def test_constrained_rows_only_write_one_of_their_choices(llm, sets, temperature, drafts, seed, lanes):
+    llm.draft_tokens, llm.lanes = drafts, lanes
     chats = [_chat(f"put a apple in fridge {i}.") for i in range(len(sets))] + [_chat("look around.")]
     out = llm.complete(chats, Sampling(temperature=temperature, max_new_tokens=3, seed=seed),
                        choices=sets + [None])  # the last row is free and stops at its length limit
@@ -75,9 +75,9 @@ def test_constrained_rows_only_write_one_of_their_choices(llm, sets, temperature
     assert not out[-1].stopped and out[-1].completion_tokens == 3
 
 
-@pytest.mark.parametrize("drafts", [0, 4])
-def test_greedy_constrained_equals_generate_with_the_same_trie(llm, drafts):
-    llm.draft_tokens = drafts
+@pytest.mark.parametrize("drafts, lanes", [(0, 1), (4, 1), (4, 2)])
+def test_greedy_constrained_equals_generate_with_the_same_trie(llm, drafts, lanes):
+    llm.draft_tokens, llm.lanes = drafts, lanes
     sets = [["go to cabinet 1", "go to fridge 1", "go to sinkbasin 1", "look", "inventory"],
             ["take apple 1 from cabinet 1", "take apple 10 from cabinet 1", "take mug 2 from fridge 1"],
             ["examine cabinet 1", "close fridge 1"]]

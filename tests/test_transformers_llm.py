@@ -80,6 +80,41 @@ def test_batched_sessions_equal_generate_alone(tiny_model_dir):
     assert llm._sessions == {}
 
 
+def test_a_continued_reply_reuses_the_tokens_it_generated(tiny_model_dir):
+    """A session keeps the keys/values of what its row generated: the next call, the reply
+    continued (as the action after a thought), encodes only the tokens past them, and still
+    gets the text of generate alone."""
+    llm = TransformersLLM(tiny_model_dir)
+    sessions = [f"e{i}" for i in range(5)]
+    chats = [chat + [{"role": "assistant", "content": "Thought:"}] for chat in _chats(1)]
+    first = llm.complete(chats, GREEDY, sessions=sessions)
+    prompts = [llm.tokenizer(llm.render(chat), add_special_tokens=False)["input_ids"] for chat in chats]
+    kept = [llm._sessions[s].ids for s in sessions]
+    assert all(ids[: len(p)] == p and len(ids) > len(p) for ids, p in zip(kept, prompts))
+    follow = [chat[:-1] + [{"role": "assistant", "content": f"Thought:{c.text}\nAction:"}]
+              for chat, c in zip(chats, first)]
+    out = llm.complete(follow, GREEDY, sessions=sessions)
+    assert [c.text for c in out] == [_reference(llm, chat, GREEDY) for chat in follow]
+    ids = [llm.tokenizer(llm.render(chat), add_special_tokens=False)["input_ids"] for chat in follow]
+    reused = [_common_prefix(k, i, len(i) - 1) for k, i in zip(kept, ids)]
+    assert [c.prompt_tokens for c in out] == [len(i) - n for i, n in zip(ids, reused)]
+    assert sum(n > len(p) for n, p in zip(reused, prompts)) >= 3  # most rows reused generated tokens
+
+
+def test_rows_split_over_lanes_get_their_text_alone(tiny_model_dir):
+    """Two lanes (threads, a batch each): every row still gets the text it gets alone, in its
+    place, and keeps its session; a call of one row runs in the caller's thread."""
+    llm = TransformersLLM(tiny_model_dir, lanes=2)
+    sessions = [f"e{i}" for i in range(5)]
+    for steps in (0, 1):
+        chats = _chats(steps)
+        out = llm.complete(chats, GREEDY, sessions=sessions)
+        assert [c.text for c in out] == [_reference(llm, chat, GREEDY) for chat in chats]
+        assert sorted(llm._sessions) == sessions
+    (one,) = llm.complete(_chats(2)[:1], GREEDY, sessions=["e0"])
+    assert one.text == _reference(llm, _chats(2)[0], GREEDY)
+
+
 def test_shared_prefix_is_encoded_once_and_reused(tiny_model_dir):
     llm = TransformersLLM(tiny_model_dir)
     chats = _chats()

@@ -20,4 +20,4 @@ def load_llm(cfg: LLMConfig) -> LLM:
     path = resolve_model_path(cfg.model)
     return TransformersLLM(path, adapter=cfg.adapter, load_in_4bit=cfg.load_in_4bit, dtype=compute_dtype(cfg.dtype, cfg.device),
                            device=cfg.device,
-                           draft_tokens=cfg.draft_tokens)
+                           draft_tokens=cfg.draft_tokens, lanes=cfg.lanes)

@@ -33,15 +33,23 @@ or sampled, drafts verified the same way), so a row can only ever write one of i
 a choice's tokens are the ones it has in context, end-of-turn token included. A draft follows
 the trie: the prompt-lookup draft as far as the trie allows it, then the tokens the trie forces.
 
-After the prompt is encoded, each session keeps its real positions only. Generated
-tokens are not kept: the agent writes the assistant turn back into the chat in its
-canonical "Thought: ...\\nAction: ..." form, and that text is encoded with the next
-observation, so what the model conditions on is exactly what training will render.
+When a row finishes, its session keeps the real positions of its prompt and of every token
+it fed the model. The agent writes the assistant turn back into the chat in its canonical
+"Thought: ...\\nAction: ..." form, and the next prompt reuses the cache only as far as its
+tokens are the same ones, so what the model conditions on is exactly what training will render;
+the action after a thought, and the next turn after an action, then encode only what is new.
+
+With ``lanes`` > 1 a call's rows are split over that many threads, each a batch of its own on
+its share of torch's threads: on a few cores, one lane's Python work between forwards (drafts,
+stop rules, the next inputs) and its small single-threaded ops run beside the other lane's
+forward, where one batch on all cores leaves them idle or spinning.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -293,6 +301,7 @@ class TransformersLLM:
         model=None,
         tokenizer=None,
         draft_tokens: int = DRAFT_TOKENS,
+        lanes: int = 1,
     ):
         from a3t.llm.shared import SharedModel, shared_model
 
@@ -313,6 +322,7 @@ class TransformersLLM:
         self._end_ids = {i for i in eos + [tokenizer.eos_token_id] if i is not None}
         self._pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(self._end_ids))
         self.draft_tokens = draft_tokens
+        self.lanes = lanes
         # Else drafts go through the model's own attention. (A shared model may have it set already.)
         self._grouped = model.config._attn_implementation in ("sdpa", "a3t_sdpa")
         if self._grouped:
@@ -368,12 +378,31 @@ class TransformersLLM:
 
         # Room for the turn; rejected draft tokens leave holes, closed (compact) if it runs out.
         turn = max([sampling.max_new_tokens] + [t.longest for t in tries if t is not None])
-        batch, logits = self._prefill(pasts, new_ids, extra_columns=2 * turn + self.draft_tokens)
-        for slot, row in enumerate(batch.order):
-            if sessions[row]:
-                self._sessions[sessions[row]] = batch.session(slot, prompts[row])
-        completions = self._decode(batch, logits[:, -1], sampling, stop, prompts, tries)
-        return [Completion(c.text, len(ids), c.completion_tokens, c.stopped) for c, ids in zip(completions, new_ids)]
+        lanes = min(self.lanes, len(chats))
+        parts = [list(range(lane, len(chats), lanes)) for lane in range(lanes)]
+        args = [([pasts[r] for r in rows], [new_ids[r] for r in rows], 2 * turn + self.draft_tokens,
+                 _lane_sampling(sampling, lane), stop, [prompts[r] for r in rows], [tries[r] for r in rows],
+                 [sessions[r] for r in rows]) for lane, rows in enumerate(parts)]
+        if lanes == 1:
+            done = [self._generate(*args[0])]
+        else:  # each lane's share of the cores; a new thread would start with all of them
+            threads = max(1, torch.get_num_threads() // lanes)
+            jobs = [_lane_pool(lanes).submit(self._generate_in_lane, threads, *lane_args) for lane_args in args]
+            done = [job.result() for job in jobs]
+        completions: list[Completion] = [None] * len(chats)  # type: ignore[list-item]
+        for rows, lane_completions in zip(parts, done):
+            for row, c in zip(rows, lane_completions):
+                completions[row] = Completion(c.text, len(new_ids[row]), c.completion_tokens, c.stopped)
+        return completions
+
+    def _generate(self, pasts, new_ids, extra_columns, sampling, stop, prompts, tries, sessions) -> list[Completion]:
+        batch, logits = self._prefill(pasts, new_ids, extra_columns=extra_columns)
+        return self._decode(batch, logits[:, -1], sampling, stop, prompts, tries, sessions)
+
+    def _generate_in_lane(self, threads: int, *args) -> list[Completion]:
+        torch.set_num_threads(threads)  # this thread's own OpenMP team
+        with torch.inference_mode():  # a mode of the thread that sets it
+            return self._generate(*args)
 
     def _trie(self, chat: Chat, prompt_text: str, prompt_ids: list[int], options: list[str]) -> _ChoiceTrie:
         """The token trie of a chat's choices: each choice's tokens as they are in the whole
@@ -512,16 +541,21 @@ class TransformersLLM:
         return picks
 
     def _decode(self, batch: _Batch, logits, sampling: Sampling, stop: StopRule | None, prompts: list[list[int]],
-                tries: list[_ChoiceTrie | None]):
+                tries: list[_ChoiceTrie | None], sessions: list[str | None]):
+        """Each row's completion. A row with a session keeps, when it leaves the batch, the keys
+        and values of its prompt and of every token it fed the model: the next call of an episode
+        (the action after its thought, the next turn) encodes only what is new."""
         rows = logits.shape[0]
         generator = None
         if sampling.temperature > 0 and sampling.seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(sampling.seed)
         generated: list[list[int]] = [[] for _ in range(rows)]
+        fed: list[list[int]] = [list(prompts[row]) for row in range(rows)]  # the tokens in the row's cache
         texts = [""] * rows
         stopped = [False] * rows
         nodes = [trie.root if trie else None for trie in tries]  # a constrained row's place in its trie
         if sampling.max_new_tokens <= 0:
+            self._keep_sessions(batch, range(batch.active), fed, sessions)
             batch.active = 0
         # picks[slot]: the tokens a slot's last forward gave it; the last of them is not in the cache yet
         logits = self._constrain(logits.unsqueeze(1), batch, nodes, [[]] * rows)
@@ -549,6 +583,7 @@ class TransformersLLM:
                 else:
                     continue
                 finished.append(slot)
+            self._keep_sessions(batch, finished, fed, sessions)
             for slot in reversed(finished):  # from the back: a moved row is never one still to drop
                 batch.drop(slot)
                 picks[slot] = picks[batch.active]
@@ -564,8 +599,8 @@ class TransformersLLM:
             if batch.end + width > batch.mask.shape[1]:
                 batch.compact()
             input_ids = torch.full((batch.active, width), self._pad_id, dtype=torch.long, device=self.device)
-            for slot, draft in enumerate(drafts):
-                tokens = [picks[slot][-1]] + draft
+            inputs = [[picks[slot][-1]] + draft for slot, draft in enumerate(drafts)]
+            for slot, tokens in enumerate(inputs):
                 input_ids[slot, : len(tokens)] = torch.tensor(tokens, device=self.device)
                 batch.mask[slot, batch.end : batch.end + len(tokens)] = 1
             mask = batch.mask[active, : batch.end + width]
@@ -574,11 +609,18 @@ class TransformersLLM:
             picks = self._verify(self._constrain(logits, batch, nodes, drafts), drafts, sampling, generator)
             for slot, (draft, taken) in enumerate(zip(drafts, picks)):
                 # in the cache now: the last token and the draft tokens kept; rejected ones are holes
+                fed[batch.order[slot]] += inputs[slot][: len(taken)]
                 batch.mask[slot, batch.end + len(taken) : batch.end + 1 + len(draft)] = 0
                 batch.lengths[slot] += len(taken)
             batch.end += width
         return [Completion(text=texts[b], prompt_tokens=0, completion_tokens=len(generated[b]), stopped=stopped[b])
                 for b in range(rows)]
+
+    def _keep_sessions(self, batch: _Batch, slots, fed: list[list[int]], sessions: list[str | None]) -> None:
+        for slot in slots:
+            row = batch.order[slot]
+            if sessions[row]:
+                self._sessions[sessions[row]] = batch.session(slot, fed[row])
 
     def _draft_budget(self, generated: list[int], sampling: Sampling, trie: _ChoiceTrie | None) -> int:
         """Draft tokens worth checking: the row can take at most max_new_tokens - 1 more after the next
@@ -622,6 +664,24 @@ class TransformersLLM:
                 generated[row] = [t for t in generated[row] if t not in self._end_ids]
                 return True
         return False
+
+
+_LANE_POOLS: dict[int, ThreadPoolExecutor] = {}
+_LANE_POOLS_LOCK = threading.Lock()
+
+
+def _lane_pool(lanes: int) -> ThreadPoolExecutor:
+    """The process's threads for calls split in ``lanes`` lanes (a call holds the model's lock, so
+    one pool per lane count serves every LLM of the process)."""
+    with _LANE_POOLS_LOCK:
+        if lanes not in _LANE_POOLS:
+            _LANE_POOLS[lanes] = ThreadPoolExecutor(lanes, thread_name_prefix=f"a3t-lane{lanes}")
+        return _LANE_POOLS[lanes]
+
+
+def _lane_sampling(sampling: Sampling, lane: int) -> Sampling:
+    """A lane's own seed: lanes that drew the same random numbers would sample alike."""
+    return sampling if lane == 0 or sampling.seed is None else replace(sampling, seed=sampling.seed + 1_000_003 * lane)
 
 
 def _draft(context: list[int], budget: int) -> list[int]:
