@@ -362,7 +362,7 @@ def train_policy(cfg: Config, trajectories: list, out: Path, round_: int, previo
     """An adapter in ``out`` (``adapter/``, ``checkpoints/``; a rerun resumes) trained on the
     trajectories under ``train.loss``: a training set's records with their weights, other
     trajectories weighed by the filter. Round 0 trains ``epochs_first_round``; ``previous`` is
-    continued when ``train.from_base_each_round`` is false. Returns the training statistics;
+    continued when ``train.from_base_each_round`` is false (at ``train.learning_rate_continued``). Returns the training statistics;
     with nothing of non-zero weight, trains nothing and says so. ``a3t train`` and the
     pipeline's train step both call this."""
     from transformers import AutoTokenizer
@@ -382,6 +382,8 @@ def train_policy(cfg: Config, trajectories: list, out: Path, round_: int, previo
         return {"examples": 0, "loss_per_epoch": [], "skipped": "no trajectory with a non-zero weight to train on"}
     epochs = t.epochs_first_round if round_ == 0 else t.epochs_later_rounds
     start = None if t.from_base_each_round else previous
+    if start is not None and t.learning_rate_continued is not None:
+        t = t.model_copy(update={"learning_rate": t.learning_rate_continued})
     return train_adapter(examples, base, out, t, epochs, init_adapter=start, device=cfg.llm.device)
 
 

@@ -7,7 +7,8 @@ decoding, prompt, stop rules, ``max_new_tokens`` and step limit, in each action 
 1. ours: ``a3t.rollout.rollout()`` with ``parallel_episodes`` episodes at once (every
    policy call one batch, each episode's KV cache reused between turns, prefixes shared by
    several episodes encoded once, prompt-lookup drafts checked in the decode forwards:
-   ``--draft-tokens 0`` turns those off; greedy text is the same either way). The A3T rollout
+   ``--draft-tokens 0`` turns those off; greedy text is the same either way; ``--lanes 2`` splits
+   each call's rows over two threads, as the CPU default profile does). The A3T rollout
    settings, except: p_explore=0 and forced exploration off (so both sides only ask the
    policy, never ActRe), temperature 0, and no retries of failed games (both sides play
    each game once);
@@ -45,7 +46,7 @@ not get its cores is flagged "contended" (with 2 torch threads on 2 busy cores, 
 forward can get 10-40x slower; ``--threads 1`` is then the steadier measurement).
 
 Run:  python benchmarks/rollout_speed.py [--quick] [--model PATH] [--parallel N] [--steps N]
-      [--max-new-tokens N] [--threads N] [--draft-tokens N] [--action-mode M] [--dtype D]
+      [--max-new-tokens N] [--threads N] [--draft-tokens N] [--lanes N] [--action-mode M] [--dtype D]
       [--games DIR] [--profile FILE] [--no-bf16]
 The last line of stdout is one JSON object with the figures (DESIGN.md §5).
 """
@@ -382,6 +383,9 @@ def main() -> None:
                         help="the policy's action mode on both sides (default: both, one after the other)")
     parser.add_argument("--draft-tokens", type=int, default=DRAFT_TOKENS,
                         help=f"ours: prompt-lookup draft tokens per row and decode step (default {DRAFT_TOKENS}, 0: off)")
+    parser.add_argument("--lanes", type=int, default=1,
+                        help="ours: threads each call's rows are split over (llm.lanes; default 1, the CPU default "
+                        "profile: 2)")
     parser.add_argument("--no-bf16", action="store_true",
                         help="skip ours in bfloat16 beside float32 (run by default where the CPU has native bfloat16)")
     args = parser.parse_args()
@@ -408,17 +412,19 @@ def main() -> None:
     games_s = time.perf_counter() - t
 
     env_cfg = EnvConfig(max_steps=steps)  # phrasing: a3t's default
-    llm = TransformersLLM(model=model, tokenizer=tokenizer, name=model_path.name, draft_tokens=args.draft_tokens)
+    llm = TransformersLLM(model=model, tokenizer=tokenizer, name=model_path.name, draft_tokens=args.draft_tokens,
+                          lanes=args.lanes)
     fig = {"bench": "rollout_speed", "quick": args.quick, "model": model_path.name, "games": len(games),
            "parallel": n, "steps_limit": steps, "max_new_tokens": max_new_tokens,
-           "torch_threads": torch.get_num_threads(), "draft_tokens": args.draft_tokens, "dtype": dtype}
+           "torch_threads": torch.get_num_threads(), "draft_tokens": args.draft_tokens, "lanes": args.lanes,
+           "dtype": dtype}
     modes = ["free", "constrained"] if args.action_mode == "both" else [args.action_mode]
     warm_up(llm, model, tokenizer)
     bf16_llm = None
     if dtype == "float32" and compute_dtype("auto", "cpu") == "bfloat16" and not args.no_bf16:
         bf16_model, _ = load_model(model_path, dtype="bfloat16")
         bf16_llm = TransformersLLM(model=bf16_model, tokenizer=tokenizer, name=model_path.name,
-                                   draft_tokens=args.draft_tokens)
+                                   draft_tokens=args.draft_tokens, lanes=args.lanes)
         warm_up(bf16_llm, bf16_model, tokenizer)
     for mode in modes:
         fig[mode] = compare(mode, games, model, tokenizer, llm, n, steps, max_new_tokens, env_cfg, args, bf16_llm)

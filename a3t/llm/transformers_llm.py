@@ -48,7 +48,7 @@ forward, where one batch on all cores leaves them idle or spinning.
 from __future__ import annotations
 
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -388,6 +388,7 @@ class TransformersLLM:
         else:  # each lane's share of the cores; a new thread would start with all of them
             threads = max(1, torch.get_num_threads() // lanes)
             jobs = [_lane_pool(lanes).submit(self._generate_in_lane, threads, *lane_args) for lane_args in args]
+            wait(jobs)  # all of them, even after a failure: the model's lock is released on return
             done = [job.result() for job in jobs]
         completions: list[Completion] = [None] * len(chats)  # type: ignore[list-item]
         for rows, lane_completions in zip(parts, done):
