@@ -385,7 +385,7 @@ def main() -> None:
                         help=f"ours: prompt-lookup draft tokens per row and decode step (default {DRAFT_TOKENS}, 0: off)")
     parser.add_argument("--lanes", type=int, default=1,
                         help="ours: threads each call's rows are split over (llm.lanes; default 1, the CPU default "
-                        "profile: 2)")
+                        "profile: 2; the time split between prefill and decode forwards is then approximate)")
     parser.add_argument("--no-bf16", action="store_true",
                         help="skip ours in bfloat16 beside float32 (run by default where the CPU has native bfloat16)")
     args = parser.parse_args()

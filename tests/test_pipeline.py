@@ -212,3 +212,23 @@ def test_the_champion_is_the_first_round_or_a_strictly_better_one():
     seen, unseen = (success_rates([make_trajectory("t", won)], 1) for won in (True, False))
     assert held_out_score("alfworld", {"valid_seen": seen, "valid_unseen": unseen}) == ("valid_unseen", 0.0)
     assert held_out_score("webshop", {}) == ("test", 0.0)  # not evaluated
+
+
+def test_a_continued_round_trains_at_learning_rate_continued(tmp_path, monkeypatch):
+    """A round that goes on from the last adapter trains at train.learning_rate_continued; round 0
+    (and a round from the base model) at train.learning_rate."""
+    import a3t.train
+    from a3t.pipeline import train_policy
+
+    calls = []
+    monkeypatch.setattr(a3t.train, "train_adapter",
+                        lambda examples, base, out, t, epochs, init_adapter=None, device="cpu":
+                        calls.append((t.learning_rate, init_adapter)) or {})
+    cfg = load_config(profile="smoke", overrides=["train.from_base_each_round=false", "train.learning_rate=1e-3",
+                                                  "train.learning_rate_continued=3e-4"])
+    data = [traj("won", True)]
+    train_policy(cfg, data, tmp_path / "r0", 0)
+    train_policy(cfg, data, tmp_path / "r1", 1, previous=tmp_path / "r0" / "adapter")
+    base = load_config(profile="smoke", overrides=["train.learning_rate_continued=3e-4"])  # from the base each round
+    train_policy(base, data, tmp_path / "b1", 1, previous=tmp_path / "r0" / "adapter")
+    assert calls == [(1e-3, None), (3e-4, tmp_path / "r0" / "adapter"), (base.train.learning_rate, None)]

@@ -110,7 +110,7 @@ def test_rows_split_over_lanes_get_their_text_alone(tiny_model_dir):
         chats = _chats(steps)
         out = llm.complete(chats, GREEDY, sessions=sessions)
         assert [c.text for c in out] == [_reference(llm, chat, GREEDY) for chat in chats]
-        assert sorted(llm._sessions) == sessions
+        assert list(llm._sessions) == sessions  # in row order, whichever lane finished first
     (one,) = llm.complete(_chats(2)[:1], GREEDY, sessions=["e0"])
     assert one.text == _reference(llm, _chats(2)[0], GREEDY)
 

@@ -391,16 +391,24 @@ class TransformersLLM:
             wait(jobs)  # all of them, even after a failure: the model's lock is released on return
             done = [job.result() for job in jobs]
         completions: list[Completion] = [None] * len(chats)  # type: ignore[list-item]
-        for rows, lane_completions in zip(parts, done):
-            for row, c in zip(rows, lane_completions):
+        kept: list[_Session | None] = [None] * len(chats)
+        for rows, (lane_completions, lane_kept) in zip(parts, done):
+            for row, c, session in zip(rows, lane_completions, lane_kept):
                 completions[row] = Completion(c.text, len(new_ids[row]), c.completion_tokens, c.stopped)
+                kept[row] = session
+        # Kept in row order, whichever lane finished first: _past takes the first of equally long
+        # matches, so the order of the sessions must not depend on the threads' timing.
+        for row, session in enumerate(kept):
+            if sessions[row]:
+                self._sessions[sessions[row]] = session
         return completions
 
-    def _generate(self, pasts, new_ids, extra_columns, sampling, stop, prompts, tries, sessions) -> list[Completion]:
+    def _generate(self, pasts, new_ids, extra_columns, sampling, stop, prompts, tries, sessions):
+        """The completions of some rows, and the session each row keeps."""
         batch, logits = self._prefill(pasts, new_ids, extra_columns=extra_columns)
         return self._decode(batch, logits[:, -1], sampling, stop, prompts, tries, sessions)
 
-    def _generate_in_lane(self, threads: int, *args) -> list[Completion]:
+    def _generate_in_lane(self, threads: int, *args):
         torch.set_num_threads(threads)  # this thread's own OpenMP team
         with torch.inference_mode():  # a mode of the thread that sets it
             return self._generate(*args)
@@ -543,8 +551,8 @@ class TransformersLLM:
 
     def _decode(self, batch: _Batch, logits, sampling: Sampling, stop: StopRule | None, prompts: list[list[int]],
                 tries: list[_ChoiceTrie | None], sessions: list[str | None]):
-        """Each row's completion. A row with a session keeps, when it leaves the batch, the keys
-        and values of its prompt and of every token it fed the model: the next call of an episode
+        """Each row's completion, and (rows with a session) the keys and values of its prompt and of
+        every token it fed the model, taken when it leaves the batch: the next call of an episode
         (the action after its thought, the next turn) encodes only what is new."""
         rows = logits.shape[0]
         generator = None
@@ -552,11 +560,12 @@ class TransformersLLM:
             generator = torch.Generator(device=self.device).manual_seed(sampling.seed)
         generated: list[list[int]] = [[] for _ in range(rows)]
         fed: list[list[int]] = [list(prompts[row]) for row in range(rows)]  # the tokens in the row's cache
+        kept: list[_Session | None] = [None] * rows
         texts = [""] * rows
         stopped = [False] * rows
         nodes = [trie.root if trie else None for trie in tries]  # a constrained row's place in its trie
         if sampling.max_new_tokens <= 0:
-            self._keep_sessions(batch, range(batch.active), fed, sessions)
+            self._keep_sessions(batch, range(batch.active), fed, sessions, kept)
             batch.active = 0
         # picks[slot]: the tokens a slot's last forward gave it; the last of them is not in the cache yet
         logits = self._constrain(logits.unsqueeze(1), batch, nodes, [[]] * rows)
@@ -584,7 +593,7 @@ class TransformersLLM:
                 else:
                     continue
                 finished.append(slot)
-            self._keep_sessions(batch, finished, fed, sessions)
+            self._keep_sessions(batch, finished, fed, sessions, kept)
             for slot in reversed(finished):  # from the back: a moved row is never one still to drop
                 batch.drop(slot)
                 picks[slot] = picks[batch.active]
@@ -615,13 +624,15 @@ class TransformersLLM:
                 batch.lengths[slot] += len(taken)
             batch.end += width
         return [Completion(text=texts[b], prompt_tokens=0, completion_tokens=len(generated[b]), stopped=stopped[b])
-                for b in range(rows)]
+                for b in range(rows)], kept
 
-    def _keep_sessions(self, batch: _Batch, slots, fed: list[list[int]], sessions: list[str | None]) -> None:
+    @staticmethod
+    def _keep_sessions(batch: _Batch, slots, fed: list[list[int]], sessions: list[str | None], kept: list) -> None:
+        """Before finished slots leave the batch: the cache of each that has a session."""
         for slot in slots:
             row = batch.order[slot]
             if sessions[row]:
-                self._sessions[sessions[row]] = batch.session(slot, fed[row])
+                kept[row] = batch.session(slot, fed[row])
 
     def _draft_budget(self, generated: list[int], sampling: Sampling, trie: _ChoiceTrie | None) -> int:
         """Draft tokens worth checking: the row can take at most max_new_tokens - 1 more after the next
