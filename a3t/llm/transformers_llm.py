@@ -559,13 +559,13 @@ class TransformersLLM:
         if sampling.temperature > 0 and sampling.seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(sampling.seed)
         generated: list[list[int]] = [[] for _ in range(rows)]
-        fed: list[list[int]] = [list(prompts[row]) for row in range(rows)]  # the tokens in the row's cache
+        fed: list[list[int]] = [[] for _ in range(rows)]  # the tokens in the row's cache after its prompt
         kept: list[_Session | None] = [None] * rows
         texts = [""] * rows
         stopped = [False] * rows
         nodes = [trie.root if trie else None for trie in tries]  # a constrained row's place in its trie
         if sampling.max_new_tokens <= 0:
-            self._keep_sessions(batch, range(batch.active), fed, sessions, kept)
+            self._keep_sessions(batch, range(batch.active), prompts, fed, sessions, kept)
             batch.active = 0
         # picks[slot]: the tokens a slot's last forward gave it; the last of them is not in the cache yet
         logits = self._constrain(logits.unsqueeze(1), batch, nodes, [[]] * rows)
@@ -593,7 +593,7 @@ class TransformersLLM:
                 else:
                     continue
                 finished.append(slot)
-            self._keep_sessions(batch, finished, fed, sessions, kept)
+            self._keep_sessions(batch, finished, prompts, fed, sessions, kept)
             for slot in reversed(finished):  # from the back: a moved row is never one still to drop
                 batch.drop(slot)
                 picks[slot] = picks[batch.active]
@@ -627,12 +627,12 @@ class TransformersLLM:
                 for b in range(rows)], kept
 
     @staticmethod
-    def _keep_sessions(batch: _Batch, slots, fed: list[list[int]], sessions: list[str | None], kept: list) -> None:
+    def _keep_sessions(batch: _Batch, slots, prompts, fed, sessions: list[str | None], kept: list) -> None:
         """Before finished slots leave the batch: the cache of each that has a session."""
         for slot in slots:
             row = batch.order[slot]
             if sessions[row]:
-                kept[row] = batch.session(slot, fed[row])
+                kept[row] = batch.session(slot, prompts[row] + fed[row])
 
     def _draft_budget(self, generated: list[int], sampling: Sampling, trie: _ChoiceTrie | None) -> int:
         """Draft tokens worth checking: the row can take at most max_new_tokens - 1 more after the next
