@@ -4,8 +4,9 @@ A policy (base model + adapter) plays a split's tasks: a greedy first attempt wi
 exploration, then up to ``eval.attempts - 1`` sampled retries of each failed task, stopping at
 its first success. The result (``SplitRates``) is the first-attempt success and the success
 within k attempts, overall and per task type, each with its 95% Wilson interval, and WebShop's
-score. The champion is the round with the best first-attempt success on the held-out split
-(``held_out_split`` of a3t.envs.spec): the binarized objective A3T trains for.
+score. The champion is the round with the best first-attempt success on the gate's split
+(``pipeline.gate_split``, else ``held_out_split`` of a3t.envs.spec): the binarized objective A3T
+trains for.
 """
 
 from __future__ import annotations
@@ -115,9 +116,16 @@ def evaluate_round(cfg: Config, ws: Workspace, round_: int, split: str) -> Split
                            ws.round_run(round_) / "eval" / f"{split}.jsonl", round_)
 
 
-def held_out_score(env_name: str, rates_by_split: dict[str, SplitRates]) -> tuple[str, float]:
-    """The held-out split of an environment and the first-attempt success on it (0 if not evaluated)."""
-    split = env_spec(env_name).held_out_split
+def gate_split(cfg: Config) -> str:
+    """The split the champion gate judges on: ``pipeline.gate_split`` where the environment has
+    it, else the environment's held-out split."""
+    spec = env_spec(cfg.env.name)
+    return cfg.pipeline.gate_split if cfg.pipeline.gate_split in spec.eval_splits else spec.held_out_split
+
+
+def gate_score(cfg: Config, rates_by_split: dict[str, SplitRates]) -> tuple[str, float]:
+    """The gate's split and the first-attempt success on it (0 if not evaluated)."""
+    split = gate_split(cfg)
     return split, rates_by_split[split].success if split in rates_by_split else 0.0
 
 
@@ -150,7 +158,7 @@ def judge_round(
     split: str, rates: SplitRates | None, champion_round: int | None, champion: SplitRates | None,
     tolerance: float | None, on_regression: str,
 ) -> Decision:
-    """The champion gate: a round that regressed against the champion on the held-out ``split``
+    """The champion gate: a round that regressed against the champion on the gate's ``split``
     is rejected (``on_regression`` rollback or stop) or kept (keep); any other is accepted."""
     if champion_round is None or champion is None or rates is None or not regressed(rates, champion, tolerance):
         return Decision(champion_round=champion_round)

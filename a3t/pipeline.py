@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from a3t.config import Config, RolloutConfig
 from a3t.envs.spec import env_spec
-from a3t.evaluate import Decision, SplitRates, held_out_score, is_new_champion, rate_text
+from a3t.evaluate import Decision, SplitRates, gate_score, gate_split, is_new_champion, rate_text
 from a3t.progress import rollout_bar
 from a3t.trajectory import Trajectory, TrajectoryStore
 
@@ -275,15 +275,22 @@ def shows_example(cfg: Config, adapter: str | Path | None) -> bool:
     return cfg.agent.example == "always" or adapter is None
 
 
-def policy_adapter(ws: Workspace, round_: int) -> Path | None:
-    """The policy after round k: the adapter of the latest round <= k that trained one (a round
-    whose data had no success trains none) and was not rejected by the champion gate, or None
-    for the base model. Round k plays with ``policy_adapter(ws, k - 1)``."""
+def policy_round(ws: Workspace, round_: int) -> int | None:
+    """The round whose adapter is the policy after round k: the latest round <= k that trained one
+    (a round whose data had no success trains none) and was not rejected by the champion gate, or
+    None for the base model."""
     rejected = ws.rejected_rounds()
     for k in range(round_, -1, -1):
         if k not in rejected and (ws.adapter(k) / "adapter_config.json").is_file():
-            return ws.adapter(k)
+            return k
     return None
+
+
+def policy_adapter(ws: Workspace, round_: int) -> Path | None:
+    """The policy's adapter after round k (``policy_round``), or None for the base model. Round k
+    plays with ``policy_adapter(ws, k - 1)``."""
+    k = policy_round(ws, round_)
+    return None if k is None else ws.adapter(k)
 
 
 def _stats(stats, store: TrajectoryStore) -> dict:
@@ -388,14 +395,14 @@ def train_policy(cfg: Config, trajectories: list, out: Path, round_: int, previo
 
 
 def champion_round(cfg: Config, ws: Workspace) -> int | None:
-    """The finished, not rejected round with the best first-attempt success on the held-out split
+    """The finished, not rejected round with the best first-attempt success on the gate's split
     (the earliest on ties: a3t.evaluate.is_new_champion); None before any round finished."""
     best, best_score = None, None
     for k in ws.finished_rounds():
         summary = ws.round_summary(k)
         if summary.decision.verdict == "rejected":
             continue
-        _, score = held_out_score(cfg.env.name, summary.eval)
+        _, score = gate_score(cfg, summary.eval)
         if is_new_champion(score, best_score):
             best, best_score = k, score
     return best
@@ -405,7 +412,7 @@ def judge(cfg: Config, ws: Workspace, round_: int, rates: dict[str, SplitRates])
     """The champion gate on round k's evaluation, against the champion of the rounds before it."""
     from a3t.evaluate import judge_round
 
-    split = env_spec(cfg.env.name).held_out_split
+    split = gate_split(cfg)
     champion = champion_round(cfg, ws)
     champion_rates = ws.round_summary(champion).eval.get(split) if champion is not None else None
     p = cfg.pipeline

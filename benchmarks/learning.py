@@ -1,14 +1,15 @@
 """Does a campaign make the agent better? The learning curve of the default campaign.
 
 Runs ``a3t run`` (the default profile: SmolLM2-135M on the CPU, 3 rounds) in a temporary
-workspace, or reads a finished one (``--workspace DIR``), and reports each round's first-attempt
-success on the held-out games with its 95% Wilson interval, beside two baselines measured in the
-same run on the same valid_unseen games:
+workspace, or reads a finished one (``--workspace DIR``), and reports the policy's first-attempt
+success after each round on the held-out games with its 95% Wilson interval (after a round the
+champion gate rejected, the policy is the one it played with; ``*_trained`` lists every round's own
+adapter), beside two baselines measured in the same run on the same valid_unseen games:
 
 - a random policy: every step a uniformly random admissible action (seeded);
 - the prompted base model: the round-0 policy before any training (1-shot example, greedy).
 
-The full run also checks what the campaign was not tuned on: each round's adapter plays 24
+The full run also checks what the campaign was not tuned on: each round's policy plays 24
 valid_unseen games generated with another seed (``games.seed=1``), and it runs the same campaign
 with the other loss beside the default's (``train.loss=pg`` beside the CPU default's ``sft``: the
 paper's ablation, pg >= sft), reported as ``pg_valid_unseen_first`` and ``sft_valid_unseen_first``.
@@ -38,7 +39,7 @@ from a3t.envs.alfworld import AlfWorldEnv, find_games
 from a3t.envs.alfworld_gen import game_jobs, generate_games
 from a3t.evaluate import SplitRates, evaluate_policy
 from a3t.envs.spec import spread_over_task_types
-from a3t.pipeline import Workspace, eval_games_root, policy_adapter
+from a3t.pipeline import Workspace, eval_games_root, policy_round
 from a3t.stats import wilson_interval
 
 OTHER_SEED = 1
@@ -52,11 +53,15 @@ def run_campaign(workspace: Path, profile: str, overrides: list[str]) -> float:
     return time.perf_counter() - started
 
 
-def curve(ws: Workspace, split: str) -> list[dict]:
-    """Each finished round's first-attempt success on a split: rate, interval, games."""
+def curve(ws: Workspace, split: str, trained: bool = False) -> list[dict]:
+    """The policy's first-attempt success on a split after each finished round: rate, interval,
+    games. A round the champion gate rejected leaves the policy it played with, whose figures are
+    those of the round that trained it; ``trained``: each round's own adapter, rejected or not."""
     out = []
+    rejected = ws.rejected_rounds()
     for k in ws.finished_rounds():
-        rates = ws.round_summary(k).eval[split]
+        kept = k if trained or k not in rejected else policy_round(ws, k)
+        rates = ws.round_summary(k if kept is None else kept).eval[split]
         out.append({"success": rates.success, "ci": list(rates.success_ci), "games": rates.tasks})
     return out
 
@@ -120,6 +125,10 @@ def main() -> None:
         "valid_unseen_ci": [r["ci"] for r in unseen],
         "valid_unseen_games": unseen[0]["games"] if unseen else 0,
         "valid_seen_first": [r["success"] for r in curve(ws, "valid_seen")],
+        # Every round's own adapter, the ones the champion gate rejected included.
+        "valid_unseen_first_trained": [r["success"] for r in curve(ws, "valid_unseen", trained=True)],
+        "valid_seen_first_trained": [r["success"] for r in curve(ws, "valid_seen", trained=True)],
+        "rejected_rounds": sorted(ws.rejected_rounds()),
         "gain_last_vs_round_0": unseen[-1]["success"] - unseen[0]["success"] if unseen else 0.0,
         "random_policy_valid_unseen": random_policy(games, cfg.env.max_steps),
         "prompted_valid_unseen": prompted,
@@ -133,9 +142,10 @@ def main() -> None:
     if not (args.quick or args.no_other_seed):
         # Games the campaign never saw, from another seed: each round's policy, same rules.
         root = other_seed_games(workspace / "data" / f"games_seed{OTHER_SEED}", cfg.games.valid_unseen)
-        report[f"seed{OTHER_SEED}_valid_unseen_first"] = [
-            evaluate(cfg, root, policy_adapter(ws, k), bench / f"seed{OTHER_SEED}_round_{k}.jsonl").success
-            for k in ws.finished_rounds()]
+        policies = [policy_round(ws, k) for k in ws.finished_rounds()]
+        rates = {j: evaluate(cfg, root, None if j is None else ws.adapter(j),
+                             bench / f"seed{OTHER_SEED}_{'base' if j is None else f'round_{j}'}.jsonl").success for j in dict.fromkeys(policies)}
+        report[f"seed{OTHER_SEED}_valid_unseen_first"] = [rates[j] for j in policies]
     report["wall_s"] = time.perf_counter() - started
     print(f"workspace: {workspace}", file=sys.stderr)
     print(json.dumps(report))

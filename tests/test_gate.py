@@ -1,4 +1,5 @@
-"""The champion gate: a round whose held-out success falls below the champion's is rejected,
+"""The champion gate: a round whose success on the gate's split (the held-out split, or
+``pipeline.gate_split``) falls below the champion's is rejected,
 its dataset rolled back to the champion's DVC tag, and the next round starts from the
 champion's data and adapter.
 
@@ -13,6 +14,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -73,9 +75,26 @@ def test_the_gate_rejects_keeps_or_accepts():
     assert judge_round("valid_unseen", rates(0), None, None, None, "rollback").verdict == "accepted"  # no champion yet
 
 
+def test_the_gate_judges_and_crowns_on_pipeline_gate_split_alone():
+    """gate_split=valid_seen: a round better on valid_unseen but worse on valid_seen is rejected, and
+    the champion is the best round on valid_seen."""
+    from a3t.pipeline import champion_round, judge
+
+    cfg = load_config(profile="smoke", overrides=["pipeline.gate_split=valid_seen", "pipeline.regression_tolerance=0"])
+    rounds = [SimpleNamespace(decision=Decision(), eval={"valid_seen": rates(seen), "valid_unseen": rates(unseen)})
+              for seen, unseen in ((10, 2), (12, 1))]
+    ws = SimpleNamespace(finished_rounds=lambda: range(len(rounds)), round_summary=rounds.__getitem__)
+    assert champion_round(cfg, ws) == 1
+    worse = judge(cfg, ws, 2, {"valid_seen": rates(11), "valid_unseen": rates(20)})
+    assert worse.verdict == "rejected" and worse.champion_round == 1 and worse.reason.startswith("valid_seen first-attempt success 11/24")
+    assert judge(cfg, ws, 2, {"valid_seen": rates(12), "valid_unseen": rates(0)}).verdict == "accepted"  # a tie passes
+
+
 @pytest.mark.parametrize("override, key", [("pipeline.regression_tolerance=1.5", "regression_tolerance"),
                                            ("pipeline.regression_tolerance=-0.1", "regression_tolerance"),
-                                           ("pipeline.on_regression=undo", "on_regression")])
+                                           ("pipeline.on_regression=undo", "on_regression"),
+                                           ("pipeline.gate_split=train", "gate_split"),
+                                           ("eval.splits=[valid_unseen]", "gate_split")])
 def test_a_gate_setting_that_makes_no_sense_is_an_error_naming_the_key(override, key):
     with pytest.raises(ConfigError, match=f"pipeline.{key}"):
         load_config(overrides=[override])

@@ -205,13 +205,15 @@ def test_the_train_command_trains_what_the_filter_keeps(tmp_path):
 
 
 def test_the_champion_is_the_first_round_or_a_strictly_better_one():
-    from a3t.evaluate import held_out_score, is_new_champion
+    from a3t.evaluate import gate_score, is_new_champion
 
     assert is_new_champion(0.0, None) and is_new_champion(0.25, 0.2)
     assert not is_new_champion(0.2, 0.2) and not is_new_champion(0.1, 0.2)
     seen, unseen = (success_rates([make_trajectory("t", won)], 1) for won in (True, False))
-    assert held_out_score("alfworld", {"valid_seen": seen, "valid_unseen": unseen}) == ("valid_unseen", 0.0)
-    assert held_out_score("webshop", {}) == ("test", 0.0)  # not evaluated
+    by_split = {"valid_seen": seen, "valid_unseen": unseen}
+    assert gate_score(load_config(profile="smoke"), by_split) == ("valid_unseen", 0.0)  # the held-out split
+    assert gate_score(load_config(), by_split) == ("valid_seen", 1.0)  # the CPU default gates on valid_seen
+    assert gate_score(load_config(overrides=["env.name=webshop"]), {}) == ("test", 0.0)  # no valid_seen; not evaluated
 
 
 def test_a_continued_round_trains_at_learning_rate_continued(tmp_path, monkeypatch):

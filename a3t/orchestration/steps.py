@@ -169,7 +169,7 @@ def register(cfg: Config, root: str, round_: int, run_id: str, parent_id: str, s
     tracking.record_decision(ws.root, run_id, round_, summary.decision)
     version, champion = None, False
     if trained and summary.decision.verdict != "rejected":
-        split, score = evaluation.held_out_score(cfg.env.name, summary.eval)
+        split, score = evaluation.gate_score(cfg, summary.eval)
         version, champion = tracking.register_adapter(ws.root, ws.campaign, run_id, round_, score,
                                                       score_name=tracking.success_key(split))
     tracking.finish_run(ws.root, run_id)
