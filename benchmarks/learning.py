@@ -142,10 +142,14 @@ def main() -> None:
     if not (args.quick or args.no_other_seed):
         # Games the campaign never saw, from another seed: each round's policy, same rules.
         root = other_seed_games(workspace / "data" / f"games_seed{OTHER_SEED}", cfg.games.valid_unseen)
-        policies = [policy_round(ws, k) for k in ws.finished_rounds()]
+        rounds = ws.finished_rounds()
+        policies = [policy_round(ws, k) for k in rounds]
+        trained = [k if (ws.adapter(k) / "adapter_config.json").is_file() else j for k, j in zip(rounds, policies)]
         rates = {j: evaluate(cfg, root, None if j is None else ws.adapter(j),
-                             bench / f"seed{OTHER_SEED}_{'base' if j is None else f'round_{j}'}.jsonl").success for j in dict.fromkeys(policies)}
+                             bench / f"seed{OTHER_SEED}_{'base' if j is None else f'round_{j}'}.jsonl").success
+                 for j in dict.fromkeys(policies + trained)}
         report[f"seed{OTHER_SEED}_valid_unseen_first"] = [rates[j] for j in policies]
+        report[f"seed{OTHER_SEED}_valid_unseen_first_trained"] = [rates[j] for j in trained]
     report["wall_s"] = time.perf_counter() - started
     print(f"workspace: {workspace}", file=sys.stderr)
     print(json.dumps(report))
