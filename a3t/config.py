@@ -421,7 +421,7 @@ def _merge(base: dict, top: dict) -> dict:
 # The defaults are the CPU profile: a laptop, offline, minutes per round.
 PROFILES: dict[str, dict] = {
     # The CPU default: SmolLM2-135M on 2 cores, 3 rounds, evaluated on 24 valid_unseen games (4 per
-    # task type) and 12 valid_seen. Each choice is tuned for a model that small on a CPU:
+    # task type) and as many valid_seen. Each choice is tuned for a model that small on a CPU:
     "default": {
         # 48 train games whose walkthroughs round 0 learns from, and 64 new ones for each of rounds 1-2;
         # 24 valid_seen games, the champion gate's (pipeline below), as many as valid_unseen's.
