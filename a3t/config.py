@@ -393,9 +393,6 @@ class Config(_Section):
         if wrong:
             raise ValueError(f"eval.splits: {', '.join(wrong)} is not a split of {spec.name} "
                              f"(its splits: {', '.join(spec.eval_splits)})")
-        gate = self.pipeline.gate_split
-        if gate in spec.splits and gate not in self.eval.splits:
-            raise ValueError(f"pipeline.gate_split: {gate} is not evaluated (eval.splits: {', '.join(self.eval.splits)})")
         spec.check(self)
         return self
 

@@ -123,6 +123,15 @@ def gate_split(cfg: Config) -> str:
     return cfg.pipeline.gate_split if cfg.pipeline.gate_split in spec.eval_splits else spec.held_out_split
 
 
+def gate_split_problem(cfg: Config) -> str | None:
+    """Why a campaign cannot gate on ``pipeline.gate_split`` (it names a split that ``eval.splits``
+    leaves out), or None. Only campaigns gate: ``a3t eval`` of one split is fine."""
+    split = cfg.pipeline.gate_split
+    if split is None or gate_split(cfg) != split or split in cfg.eval.splits:
+        return None
+    return f"pipeline.gate_split: {split} is not evaluated (eval.splits: {', '.join(cfg.eval.splits)})"
+
+
 def gate_score(cfg: Config, rates_by_split: dict[str, SplitRates]) -> tuple[str, float]:
     """The gate's split and the first-attempt success on it (0 if not evaluated)."""
     split = gate_split(cfg)

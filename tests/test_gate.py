@@ -93,11 +93,26 @@ def test_the_gate_judges_and_crowns_on_pipeline_gate_split_alone():
 @pytest.mark.parametrize("override, key", [("pipeline.regression_tolerance=1.5", "regression_tolerance"),
                                            ("pipeline.regression_tolerance=-0.1", "regression_tolerance"),
                                            ("pipeline.on_regression=undo", "on_regression"),
-                                           ("pipeline.gate_split=train", "gate_split"),
-                                           ("eval.splits=[valid_unseen]", "gate_split")])
+                                           ("pipeline.gate_split=train", "gate_split")])
 def test_a_gate_setting_that_makes_no_sense_is_an_error_naming_the_key(override, key):
     with pytest.raises(ConfigError, match=f"pipeline.{key}"):
         load_config(overrides=[override])
+
+
+def test_a_campaign_refuses_a_gate_split_it_does_not_evaluate():
+    """A campaign (run, round, serve) gating on a split eval.splits leaves out is a config error
+    naming the key; evaluating one split alone is fine."""
+    from typer.testing import CliRunner
+
+    from a3t.evaluate import gate_split_problem
+    from a3t.orchestration.cli import app
+
+    cfg = load_config(overrides=["eval.splits=[valid_unseen]"])  # the CPU default gates on valid_seen
+    assert "pipeline.gate_split: valid_seen is not evaluated" in gate_split_problem(cfg)
+    assert gate_split_problem(load_config()) is None
+    assert gate_split_problem(load_config(overrides=["env.name=webshop"])) is None  # no valid_seen: its test split
+    result = CliRunner().invoke(app, ["run", "eval.splits=[valid_unseen]"])
+    assert result.exit_code == 2 and "pipeline.gate_split: valid_seen is not evaluated" in result.output
 
 
 # --- a campaign whose round regresses ------------------------------------------------------------

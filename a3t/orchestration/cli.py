@@ -334,6 +334,11 @@ def _campaign_config(path: Path | None, overrides: list[str], profile: str) -> C
     """The config of a command whose process runs the campaign (run, round, serve), and that
     process set up for it before anything loads torch: its allocator, its OpenMP threads."""
     cfg = _config(path, overrides, profile)
+    from a3t.evaluate import gate_split_problem
+
+    if problem := gate_split_problem(cfg):
+        console.print(f"[red]config error:[/red] {problem}")
+        raise typer.Exit(2)
     _restart_with_mimalloc(cfg)
     _openmp_wait_policy(cfg)
     return cfg
