@@ -69,6 +69,8 @@ class DataStats(BaseModel):
     train_set: dict[str, int] = Field(default_factory=dict)  # the training set by source
     train_set_size: int = 0
     train_set_rounds: list[int] = Field(default_factory=list)
+    rollout_wins: int = 0  # the campaign's rollout successes so far, this round's included
+    replays_walkthroughs: bool = True  # pipeline.stop_replaying_walkthroughs_at not reached
 
 
 class TrainStats(BaseModel):
@@ -305,13 +307,18 @@ def build_training_set(cfg: Config, ws: Workspace, round_: int) -> dict:
     """Round k's training set: every trajectory of rounds 0..k of the campaign whose weight
     under ``train.loss`` is not zero (successes, and failures of tasks that also have a
     success: their baseline makes them negative examples), written to ``train_set.jsonl``
-    with its weight and baseline (a3t.filter)."""
+    with its weight and baseline (a3t.filter). The annotated walkthroughs are left out once
+    the rollouts have won ``pipeline.stop_replaying_walkthroughs_at`` times."""
     from a3t.data import load_trajectories
     from a3t.filter import filter_trajectories
 
     files = [f for k in range(round_ + 1) for f in sorted(ws.round_data(k).glob("*.jsonl")) if f.name != TRAIN_SET]
     trajectories = load_trajectories(files)
-    kept = filter_trajectories(trajectories, cfg.train.loss)
+    wins = sum(t.success for t in trajectories if t.source != "annotated")
+    enough = cfg.pipeline.stop_replaying_walkthroughs_at
+    replays_walkthroughs = enough is None or wins < enough
+    learnt = trajectories if replays_walkthroughs else [t for t in trajectories if t.source != "annotated"]
+    kept = filter_trajectories(learnt, cfg.train.loss)
     out = ws.round_data(round_) / TRAIN_SET
     _write_atomic(out, "".join(t.model_dump_json() + "\n" for t in kept))
     this_round = [t for t in trajectories if t.round == round_]
@@ -322,6 +329,8 @@ def build_training_set(cfg: Config, ws: Workspace, round_: int) -> dict:
         "train_set": _by_source(kept),
         "train_set_size": len(kept),
         "train_set_rounds": sorted({t.round for t in kept}),
+        "rollout_wins": wins,
+        "replays_walkthroughs": replays_walkthroughs,
     }
 
 

@@ -142,6 +142,25 @@ def test_training_set_keeps_every_round_and_only_nonzero_weights(tmp_path):
     assert build_training_set(cfg, ws, 1)["train_set_size"] == 3
 
 
+def test_training_set_stops_replaying_walkthroughs_once_rollouts_won_enough(tmp_path):
+    cfg = load_config(overrides=["pipeline.stop_replaying_walkthroughs_at=2"])
+    ws = Workspace(tmp_path, "camp")
+    TrajectoryStore(ws.round_data(0) / "annotated.jsonl").append(traj("walked", True, source="annotated"))
+    TrajectoryStore(ws.round_data(1) / "rollout-0.jsonl").append(traj("a", True, round_=1))
+    TrajectoryStore(ws.round_data(2) / "rollout-0.jsonl").append(traj("b", True, round_=2, source="explored"))
+
+    def learnt(round_):
+        stats = build_training_set(cfg, ws, round_)
+        kept = [json.loads(line)["episode_id"] for line in (ws.round_data(round_) / TRAIN_SET).read_text().splitlines()]
+        return stats["rollout_wins"], stats["replays_walkthroughs"], sorted(kept)
+
+    assert learnt(1) == (1, True, ["r0/walked#a0", "r1/a#a0"])  # one rollout win: fewer than 2
+    assert learnt(2) == (2, False, ["r1/a#a0", "r2/b#a0"])  # two: the rollouts' wins alone
+    unset = load_config(overrides=["pipeline.stop_replaying_walkthroughs_at=null"])
+    assert build_training_set(unset, ws, 2)["train_set"]["annotated"] == 1
+    assert load_config().pipeline.stop_replaying_walkthroughs_at == 24  # the CPU default
+
+
 def test_rounds_finish_resume_and_roll_back(tmp_path):
     ws = Workspace(tmp_path, "camp")
     assert ws.next_round() == 0

@@ -180,6 +180,7 @@ def round_metrics(summary: RoundSummary) -> dict[str, float]:
     """The flat metrics of a round summary (logged with step=round)."""
     metrics = {f"trajectories/{source}": n for source, n in summary.data.collected.items()}
     metrics |= {f"train_set/{source}": n for source, n in summary.data.train_set.items()}
+    metrics["trajectories/rollout_wins"] = summary.data.rollout_wins  # so far (stop_replaying_walkthroughs_at)
     if summary.train.loss_per_epoch:
         metrics["train/loss"] = summary.train.loss_per_epoch[-1]
     metrics["rollout/tokens_per_s"] = summary.rollout_tokens_per_s
