@@ -152,6 +152,10 @@ def test_annotate_and_rollout_commands_run_the_pipelines_steps(games_root, tmp_p
     records = list(TrajectoryStore(annotated).read())
     assert len(records) == 2 and all(t.success and t.source == "annotated" for t in records)
     assert len({t.task_type for t in records}) == 2  # two task types, not the first two games of one
+    assert "ActRe" not in result.output  # the plan's reasons: no ActRe verdicts to show
+    result = runner.invoke(app, ["annotate", "--count", "1", "--out", str(tmp_path / "actre.jsonl"), *common,
+                                 "pipeline.walkthrough_reasons=actre"])
+    assert result.exit_code == 0 and "ActRe" in result.output, result.output  # its checks' verdicts
     played = tmp_path / "played.jsonl"
     result = runner.invoke(app, ["rollout", "--split", "valid_unseen", "--limit", "1", "--out", str(played), *common,
                                  "rollout.retry_max=0"])

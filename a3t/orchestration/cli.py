@@ -148,8 +148,13 @@ SplitOption = Annotated[str, typer.Option("--split", "-s", help="Split of games.
 
 def _rollout_table(stats, store) -> None:
     table = Table("episodes played", "won", "already stored", "generated tokens", "tokens/s", "file")
-    table.add_row(str(stats.episodes), str(stats.successes), str(stats.skipped), str(stats.completion_tokens),
-                  f"{stats.tokens_per_s:.1f}", str(store.path))
+    row = [str(stats.episodes), str(stats.successes), str(stats.skipped), str(stats.completion_tokens),
+           f"{stats.tokens_per_s:.1f}", str(store.path)]
+    if stats.actre_accepted or stats.actre_rejected:  # ActRe was asked: its checks' verdicts (a3t.agent.actre)
+        for name in ("accepted", "rejected", "fallbacks"):
+            table.add_column(f"ActRe {name}")
+            row.append(str(getattr(stats, f"actre_{name}")))
+    table.add_row(*row)
     console.print(table)
 
 
