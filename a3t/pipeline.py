@@ -314,11 +314,11 @@ def build_training_set(cfg: Config, ws: Workspace, round_: int) -> dict:
 
     files = [f for k in range(round_ + 1) for f in sorted(ws.round_data(k).glob("*.jsonl")) if f.name != TRAIN_SET]
     trajectories = load_trajectories(files)
-    wins = sum(t.success for t in trajectories if t.source != "annotated")
+    rollouts = [t for t in trajectories if t.source != "annotated"]
+    wins = sum(t.success for t in rollouts)
     enough = cfg.pipeline.stop_replaying_walkthroughs_at
     replays_walkthroughs = enough is None or wins < enough
-    learnt = trajectories if replays_walkthroughs else [t for t in trajectories if t.source != "annotated"]
-    kept = filter_trajectories(learnt, cfg.train.loss)
+    kept = filter_trajectories(trajectories if replays_walkthroughs else rollouts, cfg.train.loss)
     out = ws.round_data(round_) / TRAIN_SET
     _write_atomic(out, "".join(t.model_dump_json() + "\n" for t in kept))
     this_round = [t for t in trajectories if t.round == round_]
